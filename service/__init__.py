@@ -1,0 +1,3 @@
+"""promptswap: one frozen vision-language backbone, many hot-swappable prompt adapters."""
+
+__version__ = "0.1.0"

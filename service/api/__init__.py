@@ -1,0 +1,1 @@
+"""HTTP routers, one per concern: thin layers that parse, call and answer."""

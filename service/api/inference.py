@@ -1,0 +1,234 @@
+"""``POST /v1/classify``: parse and bound the request, decode off the loop, queue, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from ..batching import Closed, Expired, QueueFull
+from ..classify import ClassifyItem
+from ..errors import (
+    BadRequest,
+    DeadlineExceeded,
+    Overloaded,
+    Unavailable,
+    UnsupportedMediaType,
+    Unprocessable,
+)
+from ..images import decode_base64_image, decode_image
+from ..schemas import DEFAULT_TEMPLATE, ClassifyJSON, ClassifyResponse, ErrorBody, LabelScore
+from ..settings import Settings
+from .deps import ReadyRuntimeDep
+
+router = APIRouter(tags=["inference"])
+T = TypeVar("T")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "image not decodable, malformed body",
+        404: "unknown adapter",
+        413: "body or image over its bound",
+        415: "unsupported content type or image format",
+        422: "invalid labels, template or parameters",
+        429: "queue full (see Retry-After)",
+        503: "not ready or shutting down (see Retry-After)",
+        504: "deadline passed",
+    }.items()
+}
+
+_FIELDS = {
+    "image": {"type": "string", "format": "binary"},
+    "labels": {"type": "array", "items": {"type": "string"}},
+    "adapter": {"type": "string"},
+    "top_k": {"type": "integer", "minimum": 1},
+    "template": {"type": "string"},
+}
+CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["image", "labels"], "properties": _FIELDS}
+            },
+            "application/json": {"schema": ClassifyJSON.model_json_schema()},
+        },
+    }
+}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=CLASSIFY_BODY,
+)
+async def classify(request: Request, runtime: ReadyRuntimeDep) -> Any:
+    """Classify one image against a label set, zero-shot or with a prompt adapter."""
+    s = runtime.settings
+    body, image_bytes = await _parse_classify(request, s)
+    labels = _check_labels(body.labels, s)
+    template = _check_template(body.template, s)
+    top_k = min(body.top_k or len(labels), len(labels))
+    if runtime.clip is None or runtime.classify_queue is None:
+        raise Unavailable("this service runs no CLIP backbone", retry_after_s=3600)
+    adapter = await runtime.resolve_adapter(body.adapter, method="maple")
+
+    loop = asyncio.get_running_loop()
+    clip = runtime.clip
+    pixels = await loop.run_in_executor(
+        runtime.decode_pool,
+        lambda: clip.preprocess(decode_image(image_bytes, max_pixels=s.max_image_pixels)),
+    )
+    item = ClassifyItem(pixels, labels, template, adapter)
+    try:
+        result = await _unless_disconnected(
+            request, runtime.classify_queue.submit(item, s.request_timeout_s)
+        )
+    except QueueFull as exc:
+        runtime.metrics.rejected.labels("classify", "queue_full").inc()
+        raise Overloaded(f"server busy: {exc}", retry_after_s=1) from None
+    except Expired as exc:
+        runtime.metrics.rejected.labels("classify", "deadline").inc()
+        raise DeadlineExceeded(str(exc)) from None
+    except Closed:
+        raise Unavailable("shutting down", retry_after_s=5) from None
+    except ClientGone:
+        runtime.metrics.rejected.labels("classify", "client_gone").inc()
+        return Response(status_code=499)
+
+    scores = _softmax(result.logits)
+    ranked = sorted(range(len(labels)), key=lambda i: -scores[i])[:top_k]
+    return ClassifyResponse(
+        model=clip.model_id,
+        adapter=adapter.key if adapter is not None else None,
+        labels=[LabelScore(label=labels[i], score=scores[i], logit=result.logits[i]) for i in ranked],
+    )
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (the queue drops it)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientGone()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:  # the body was read already: the next message is the disconnect
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _parse_classify(request: Request, s: Settings) -> tuple[ClassifyJSON, bytes]:
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        return await _parse_multipart(request, s)
+    if content_type.startswith("application/json"):
+        raw = await request.body()
+        try:
+            body = ClassifyJSON.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            if first["type"] == "json_invalid":
+                raise BadRequest(f"the body is not valid JSON: {first['msg']}") from None
+            loc = ".".join(str(p) for p in first["loc"]) or "body"
+            raise Unprocessable(f"{loc}: {first['msg']}") from None
+        return body, decode_base64_image(body.image, max_bytes=s.max_body_bytes)
+    raise UnsupportedMediaType("send multipart/form-data or application/json")
+
+
+async def _parse_multipart(request: Request, s: Settings) -> tuple[ClassifyJSON, bytes]:
+    try:
+        form = await request.form(
+            max_files=1, max_fields=2 * s.max_labels + 8, max_part_size=s.max_label_chars * 8 + 1024
+        )
+    except HTTPException as exc:  # the parser's own bounds
+        if "fields" in str(exc.detail):
+            raise Unprocessable(f"too many form fields: at most {s.max_labels} labels") from None
+        raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+    image = form.get("image")
+    if not isinstance(image, UploadFile):
+        raise Unprocessable("image: a file field named 'image' is required")
+    data = await image.read()
+    raw_labels = [v for v in form.getlist("labels") if isinstance(v, str)]
+    if len(raw_labels) == 1 and raw_labels[0].lstrip().startswith("["):
+        try:
+            parsed = json.loads(raw_labels[0])
+        except json.JSONDecodeError:
+            raise Unprocessable("labels: not a valid JSON array") from None
+        if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+            raise Unprocessable("labels: the JSON array must hold strings")
+        raw_labels = parsed
+    fields: dict[str, Any] = {"image": "", "labels": raw_labels}
+    for name in ("adapter", "top_k", "template"):
+        value = form.get(name)
+        if isinstance(value, str) and value != "":
+            fields[name] = value
+    try:
+        body = ClassifyJSON.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise Unprocessable(f"{loc}: {first['msg']}") from None
+    return body, data
+
+
+def _check_labels(labels: list[str], s: Settings) -> list[str]:
+    if not labels:
+        raise Unprocessable("labels: at least one label is required")
+    if len(labels) > s.max_labels:
+        raise Unprocessable(f"labels: {len(labels)} labels; at most {s.max_labels} are allowed")
+    seen: set[str] = set()
+    for label in labels:
+        if not label.strip():
+            raise Unprocessable("labels: a label is empty")
+        if len(label) > s.max_label_chars:
+            raise Unprocessable(
+                f"labels: a label is {len(label)} characters; at most {s.max_label_chars}"
+            )
+        if "\x00" in label:
+            raise Unprocessable("labels: a label contains a NUL character")
+        if label in seen:
+            raise Unprocessable(f"labels: {label[:40]!r} appears more than once")
+        seen.add(label)
+    return labels
+
+
+def _check_template(template: str | None, s: Settings) -> str:
+    if template is None:
+        return DEFAULT_TEMPLATE
+    if len(template) > s.max_template_chars:
+        raise Unprocessable(f"template: at most {s.max_template_chars} characters")
+    if template.count("{}") != 1:
+        raise Unprocessable("template: must contain '{}' exactly once, where the label goes")
+    return template
+
+
+def _softmax(logits: list[float]) -> list[float]:
+    top = max(logits)
+    exps = [math.exp(x - top) for x in logits]
+    total = sum(exps)
+    return [e / total for e in exps]

@@ -1,0 +1,1 @@
+"""Frozen backbones and their prompted forward passes."""

@@ -1,0 +1,113 @@
+"""The frozen CLIP backbone: loading, preprocessing, and (prompted) features.
+
+Loaded once with ``from_pretrained`` (hub id or local directory), moved once to the
+device, eval mode, no gradients. Every forward goes through adapters.prompted_clip,
+which with no prompts computes exactly what transformers' CLIPModel computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor, CLIPModel
+
+from adapters.prompted_clip import encode_image, encode_text
+
+log = logging.getLogger("promptswap.clip")
+
+
+class BackboneLoadError(RuntimeError):
+    """The checkpoint cannot be served as this backbone; the message says why."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackboneLoadError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+@dataclass
+class ClipBackbone:
+    model_id: str
+    model: CLIPModel
+    processor: object  # CLIPProcessor: tokenizer + image processor
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def load(cls, source: str, device: str = "auto", dtype: str = "auto") -> ClipBackbone:
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise BackboneLoadError(f"cannot read a model config from {source!r}: {exc}") from exc
+        if config.model_type != "clip":
+            raise BackboneLoadError(
+                f"{source!r} holds a {config.model_type!r} model, not a CLIP checkpoint"
+            )
+        try:
+            model = CLIPModel.from_pretrained(source, dtype=torch_dtype)
+            processor = AutoProcessor.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise BackboneLoadError(f"cannot load CLIP from {source!r}: {exc}") from exc
+        if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+            raise BackboneLoadError(f"{source!r} has no CLIP processor (tokenizer + image processor)")
+        model.requires_grad_(False)
+        model.eval().to(dev)
+        log.info("loaded CLIP %s on %s as %s", source, dev, torch_dtype)
+        return cls(source, model, processor, dev, torch_dtype)
+
+    @property
+    def max_text_tokens(self) -> int:
+        return self.model.config.text_config.max_position_embeddings
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.detach().float().exp().cpu()
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """(3, H, W) float32 pixels on the CPU, exactly as the checkpoint's processor makes them."""
+        return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def token_lengths(self, prompts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.processor.tokenizer(prompts)["input_ids"]]
+
+    @torch.inference_mode()
+    def image_features(
+        self,
+        pixels: torch.Tensor,  # (B, 3, H, W)
+        vision_prompts: torch.Tensor | None = None,  # (B, depth, n_ctx, Dv)
+    ) -> torch.Tensor:
+        """L2-normalised image embeddings (B, P), float32 on the CPU."""
+        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        if vision_prompts is not None:
+            vision_prompts = vision_prompts.to(self.device, self.dtype)
+        feats = encode_image(self.model, pixels, vision_prompts).float()
+        return (feats / feats.norm(dim=-1, keepdim=True)).cpu()
+
+    @torch.inference_mode()
+    def text_features(
+        self,
+        prompts: list[str],
+        text_prompts: torch.Tensor | None = None,  # (N, depth, n_ctx, Dt)
+    ) -> torch.Tensor:
+        """L2-normalised text embeddings (N, P), float32 on the CPU."""
+        tok = self.processor.tokenizer(prompts, padding=True, return_tensors="pt")
+        ids = tok["input_ids"].to(self.device)
+        mask = tok["attention_mask"].to(self.device)
+        if text_prompts is not None:
+            text_prompts = text_prompts.to(self.device, self.dtype)
+        feats = encode_text(self.model, ids, mask, text_prompts).float()
+        return (feats / feats.norm(dim=-1, keepdim=True)).cpu()

@@ -1,0 +1,132 @@
+"""Classification: the batch handler that turns queued requests into logits.
+
+Runs in the model worker thread. Per batch: (1) text embeddings for every
+(adapter, template, label) the batch needs, from the cache or computed once, grouped
+by adapter; (2) image embeddings for all rows, rows that share a prompt shape in one
+forward (different adapters gather their own prompts per row); (3) per row, logits
+against that row's own labels. A row's failure (a prompt too long for the text
+encoder) is that row's alone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .backbones.clip import ClipBackbone
+from .errors import Unprocessable
+from .text_cache import TextCache, TextKey
+
+TEXT_CHUNK = 256  # prompts per text forward: bounds activation memory for big label sets
+
+
+class PromptAdapter(Protocol):
+    """What the handler needs of a loaded MaPLe adapter (see service.registry)."""
+
+    key: str  # "name@version"
+    text_prompts: torch.Tensor  # (depth, n_ctx, Dt) on the device
+    vision_prompts: torch.Tensor  # (depth, n_ctx, Dv) on the device
+
+
+@dataclass
+class ClassifyItem:
+    pixels: torch.Tensor  # (3, H, W) float32, CPU
+    labels: list[str]
+    template: str
+    adapter: PromptAdapter | None = None
+
+    def text_keys(self, model_id: str) -> list[TextKey]:
+        akey = self.adapter.key if self.adapter is not None else ""
+        return [TextKey(model_id, akey, self.template, label) for label in self.labels]
+
+
+@dataclass
+class ClassifyResult:
+    logits: list[float]  # in the order of the item's labels
+
+
+def _prompt_shape(adapter: PromptAdapter | None) -> tuple[int, ...] | None:
+    return None if adapter is None else tuple(adapter.vision_prompts.shape)
+
+
+class ClassifyHandler:
+    def __init__(self, backbone: ClipBackbone, cache: TextCache) -> None:
+        self.backbone = backbone
+        self.cache = cache
+        self.logit_scale = backbone.logit_scale
+        self.text_forwards = 0  # text-encoder calls, for tests and metrics
+
+    def __call__(self, items: list[ClassifyItem]) -> list[ClassifyResult | BaseException]:
+        model_id = self.backbone.model_id
+        keys_per_item = [item.text_keys(model_id) for item in items]
+        adapter_of = {k.adapter: item.adapter for item, keys in zip(items, keys_per_item) for k in keys}
+        unique = list(dict.fromkeys(k for keys in keys_per_item for k in keys))
+        features, missing = self.cache.lookup(unique)
+        failed = self._compute_text(missing, adapter_of, features)
+        image_feats = self._image_features(items)
+
+        results: list[ClassifyResult | BaseException] = []
+        for i, keys in enumerate(keys_per_item):
+            bad = next((failed[k] for k in keys if k in failed), None)
+            if bad is not None:
+                results.append(bad)
+                continue
+            text = torch.stack([features[k] for k in keys])  # (L, P)
+            logits = self.logit_scale * (image_feats[i] @ text.T)  # (L,)
+            results.append(ClassifyResult(logits.tolist()))
+        return results
+
+    def _compute_text(
+        self,
+        missing: list[TextKey],
+        adapter_of: dict[str, PromptAdapter | None],
+        out: dict[TextKey, torch.Tensor],
+    ) -> dict[TextKey, BaseException]:
+        failed: dict[TextKey, BaseException] = {}
+        if not missing:
+            return failed
+        limit = self.backbone.max_text_tokens
+        lengths = self.backbone.token_lengths([k.template.replace("{}", k.label) for k in missing])
+        by_adapter: dict[str, list[TextKey]] = defaultdict(list)
+        for key, n_tokens in zip(missing, lengths):
+            if n_tokens > limit:
+                failed[key] = Unprocessable(
+                    f"label {key.label[:40]!r} with the template is {n_tokens} tokens; "
+                    f"the text encoder takes at most {limit}"
+                )
+            else:
+                by_adapter[key.adapter].append(key)
+        for akey, keys in by_adapter.items():
+            adapter = adapter_of[akey]
+            for start in range(0, len(keys), TEXT_CHUNK):
+                chunk = keys[start : start + TEXT_CHUNK]
+                prompts = None
+                if adapter is not None:
+                    prompts = adapter.text_prompts.unsqueeze(0).expand(len(chunk), -1, -1, -1)
+                feats = self.backbone.text_features(
+                    [k.template.replace("{}", k.label) for k in chunk], prompts
+                )
+                self.text_forwards += 1
+                for key, feat in zip(chunk, feats):
+                    out[key] = feat
+                    self.cache.put(key, feat)
+        return failed
+
+    def _image_features(self, items: list[ClassifyItem]) -> list[torch.Tensor]:
+        """One forward per prompt shape; each row gathers its own adapter's prompts."""
+        groups: dict[tuple[int, ...] | None, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            groups[_prompt_shape(item.adapter)].append(i)
+        out: list[torch.Tensor | None] = [None] * len(items)
+        for shape, rows in groups.items():
+            pixels = torch.stack([items[i].pixels for i in rows])  # (B, 3, H, W)
+            prompts = None
+            if shape is not None:
+                prompts = torch.stack([items[i].adapter.vision_prompts for i in rows])
+            feats = self.backbone.image_features(pixels, prompts)  # (B, P)
+            for i, feat in zip(rows, feats):
+                out[i] = feat
+        return out  # type: ignore[return-value]

@@ -1,0 +1,70 @@
+"""Image bytes -> RGB PIL image, with every bound checked before pixels are decoded.
+
+Runs in the decode thread pool, never on the event loop (Pillow releases the GIL).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+
+# Formats a browser or camera sends; everything else (TIFF, ICO, PSD, ...) is refused.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode ``data`` into an RGB image, orientation applied as transformers' loader does."""
+    if not data:
+        raise InvalidImage("the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            if image.format not in ALLOWED_FORMATS:
+                raise UnsupportedMediaType(
+                    f"image format {image.format} is not supported; use one of "
+                    + ", ".join(ALLOWED_FORMATS)
+                )
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"the limit is {max_pixels}"
+                )
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animated GIF/WebP: the first frame
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except (PayloadTooLarge, UnsupportedMediaType):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image too large to decode: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidImage("the file is not an image in a supported format") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidImage(f"the image could not be decoded: {exc}") from None
+
+
+def decode_base64_image(value: str, *, max_bytes: int) -> bytes:
+    """Bytes of a base64 string or a ``data:image/...;base64,`` URL (no remote URLs)."""
+    text = value.strip()
+    if text.startswith(("http://", "https://", "file:", "ftp://")):
+        raise InvalidImage("remote image URLs are not fetched; send the bytes (base64 or data: URL)")
+    if text.startswith("data:"):
+        header, sep, payload = text.partition(",")
+        if not sep or ";base64" not in header:
+            raise InvalidImage("a data: URL must be base64-encoded (data:image/png;base64,...)")
+        text = payload
+    if len(text) * 3 // 4 > max_bytes:
+        raise PayloadTooLarge(f"image is over {max_bytes} bytes")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage("the image is not valid base64") from None

@@ -1,0 +1,118 @@
+"""Everything the app holds while it runs: models, queues, caches, thread pools.
+
+Built by the lifespan, one per app (tests build many). Models load off the event
+loop in the model thread, so /healthz answers and /readyz says 503 while they load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from .backbones.clip import ClipBackbone
+from .batching import BatchQueue, BatchStats
+from .classify import ClassifyHandler, ClassifyItem, ClassifyResult, PromptAdapter
+from .errors import NotFound
+from .metrics import Metrics
+from .settings import Settings
+from .text_cache import TextCache
+
+log = logging.getLogger("promptswap")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        # One model thread: the device is one resource and batches must not interleave.
+        self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="promptswap-model")
+        self.decode_pool = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="promptswap-decode"
+        )
+        self.clip: ClipBackbone | None = None
+        self.classify_handler: ClassifyHandler | None = None
+        self.classify_queue: BatchQueue[ClassifyItem, ClassifyResult] | None = None
+        self.text_cache = TextCache(
+            settings.text_cache_entries,
+            on_hit=metrics.text_cache_hits.inc,
+            on_miss=metrics.text_cache_misses.inc,
+        )
+        metrics.text_cache_entries.set_function(lambda: len(self.text_cache))
+        self.load_error: str | None = None
+        self._ready = asyncio.Event()
+        self._settled = asyncio.Event()  # loading finished, well or not
+        self._load_task: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def wait_ready(self) -> None:
+        """Wait until loading ends; raise if it failed."""
+        await self._settled.wait()
+        if not self.ready:
+            raise RuntimeError(f"models failed to load: {self.load_error}")
+
+    def start(self, on_fatal: Callable[[str], None] | None = None) -> None:
+        """Load models in the background; ``on_fatal`` is told if that fails."""
+        self._load_task = asyncio.get_running_loop().create_task(self._load(on_fatal))
+
+    async def _load(self, on_fatal: Callable[[str], None] | None) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        try:
+            if s.clip_model:
+                self.clip = await loop.run_in_executor(
+                    self.model_executor, ClipBackbone.load, s.clip_model, s.device, s.dtype
+                )
+                self.classify_handler = ClassifyHandler(self.clip, self.text_cache)
+                self.classify_queue = self._queue("classify", self.classify_handler)
+        except Exception as exc:
+            self.load_error = str(exc)
+            log.error("model load failed: %s", exc)
+            if on_fatal is not None:
+                on_fatal(self.load_error)
+            return
+        finally:
+            self._settled.set()
+        self._ready.set()
+        log.info("ready")
+
+    def _queue(self, name: str, handler) -> BatchQueue:
+        s, m = self.settings, self.metrics
+
+        def observe(stats: BatchStats) -> None:
+            m.batch_size.labels(name).observe(stats.size)
+            m.inference.labels(name).observe(stats.run_s)
+            for wait in stats.queue_wait_s:
+                m.queue_wait.labels(name).observe(wait)
+
+        queue: BatchQueue = BatchQueue(
+            handler,
+            executor=self.model_executor,
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.max_wait_ms / 1000,
+            max_queue=s.max_queue,
+            on_batch=observe,
+            name=name,
+        )
+        m.queue_depth.labels(name).set_function(lambda: queue.depth)
+        queue.start()
+        return queue
+
+    async def resolve_adapter(self, ref: str | None, method: str) -> PromptAdapter | None:
+        """The loaded adapter a request names (``name`` or ``name@version``), or None."""
+        if ref is None:
+            return None
+        raise NotFound(f"adapter {ref!r} not found")
+
+    async def stop(self) -> None:
+        """Refuse new work, answer what was admitted, then release the threads."""
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.classify_queue is not None:
+            await self.classify_queue.stop(drain=True)
+        self.model_executor.shutdown(wait=True, cancel_futures=True)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)

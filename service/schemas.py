@@ -1,0 +1,55 @@
+"""Request and response models of the public API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+class ClassifyJSON(BaseModel):
+    """``POST /v1/classify`` as JSON; multipart/form-data takes the same fields."""
+
+    image: str = Field(description="The image as base64 or a data: URL (no remote URLs).")
+    labels: list[str] = Field(description="Candidate labels, unique, at least one.")
+    adapter: str | None = Field(None, description="Adapter as 'name' (latest) or 'name@version'.")
+    top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels.")
+    template: str | None = Field(
+        None, description=f"Prompt template with one '{{}}' for the label; default {DEFAULT_TEMPLATE!r}."
+    )
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(description="Softmax over the request's labels of logit_scale * cosine.")
+    logit: float = Field(description="logit_scale * cosine similarity of image and prompt.")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    adapter: str | None = Field(description="'name@version' of the adapter used, or null.")
+    labels: list[LabelScore] = Field(description="Sorted by score, highest first.")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    kind: str
+    task: str
+    owned_by: str = "promptswap"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

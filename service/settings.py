@@ -1,0 +1,76 @@
+"""Every setting and bound of the service, in one place.
+
+Each field is a CLI option (``--max-batch-size``) and an environment variable
+(``PROMPTSWAP_MAX_BATCH_SIZE``); the CLI wins over the environment, which wins over
+the default. The field descriptions are the ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_adapter_dir() -> Path:
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "promptswap" / "adapters"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROMPTSWAP_", extra="ignore")
+
+    # Backbone
+    clip_model: str | None = Field(
+        "openai/clip-vit-base-patch16",
+        description="CLIP checkpoint: a model-hub id or a local directory ('' to run without CLIP).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the backbone runs.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Backbone weights' dtype; auto is float16 on CUDA, float32 on CPU."
+    )
+
+    # Server
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    # Scheduler
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Rows per model batch.")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill.")
+    max_queue: int = Field(256, ge=1, description="Requests waiting for the model; past it: 429.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of a request from admission; past it: 504."
+    )
+    decode_threads: int = Field(
+        min(4, os.cpu_count() or 1), ge=1, le=64, description="Threads decoding images."
+    )
+
+    # Request bounds
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="Largest request body (413).")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded image, width x height (413)."
+    )
+    max_labels: int = Field(1000, ge=1, description="Most labels per classify request (422).")
+    max_label_chars: int = Field(200, ge=1, description="Longest label in characters (422).")
+    max_template_chars: int = Field(300, ge=3, description="Longest prompt template (422).")
+
+    # Caches
+    text_cache_entries: int = Field(
+        100_000, ge=0, description="Text embeddings kept (LRU) keyed by model, adapter, template, label."
+    )
+
+    # Adapters
+    adapter_dir: Path = Field(
+        default_factory=default_adapter_dir, description="Adapter store directory."
+    )
+    adapter_cache_bytes: int = Field(
+        256 * 2**20, ge=0, description="Device memory for loaded adapters (LRU beyond it)."
+    )
+    max_adapter_bytes: int = Field(64 * 2**20, ge=1024, description="Largest adapter file (413).")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /v1/admin; admin routes are off without one."
+    )

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny CLIP on disk, test images, and the app with its lifespan."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from httpx import ASGITransport, AsyncClient
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from service.main import create_app  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from tests.tiny_models import save_tiny_clip  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def make_image(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A structured random RGB picture: gradients plus blobs, different per seed."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    channels = [np.sin(x * rng.uniform(2, 12) + y * rng.uniform(2, 12) + rng.uniform(0, 6)) for _ in range(3)]
+    pixels = (np.stack(channels, -1) * 0.5 + 0.5) * 200 + rng.uniform(0, 55, (h, w, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype("uint8"))
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def png() -> Callable[[int], bytes]:
+    return lambda seed=0: encode(make_image(seed))
+
+
+@pytest.fixture
+def make_settings(tiny_clip_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
+    def build(**overrides: object) -> Settings:
+        values: dict[str, object] = dict(
+            clip_model=str(tiny_clip_dir), device="cpu", dtype="float32", max_wait_ms=2.0,
+            adapter_dir=tmp_path / "adapters",
+        )
+        values.update(overrides)
+        return Settings(**values)
+
+    return build
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[tuple[AsyncClient, object]]:
+    """The real app with its lifespan running and models loaded, and a client for it."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        await app.state.runtime.wait_ready()
+        transport = ASGITransport(app=app)
+        async with AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client, app
+
+
+@pytest.fixture
+async def client(make_settings: Callable[..., Settings]) -> AsyncIterator[AsyncClient]:
+    async with running_app(make_settings()) as (client, _):
+        yield client
