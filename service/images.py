@@ -12,7 +12,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from .errors import InvalidImage, PayloadTooLarge
 
 # Formats a browser or camera sends; everything else (TIFF, ICO, PSD, ...) is refused.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
@@ -27,7 +27,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))  # reads the header only
             if image.format not in ALLOWED_FORMATS:
-                raise UnsupportedMediaType(
+                raise InvalidImage(
                     f"image format {image.format} is not supported; use one of "
                     + ", ".join(ALLOWED_FORMATS)
                 )
@@ -42,7 +42,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             image.load()
             image = ImageOps.exif_transpose(image)
             return image.convert("RGB")
-    except (PayloadTooLarge, UnsupportedMediaType):
+    except (PayloadTooLarge, InvalidImage):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"image too large to decode: {exc}") from None

@@ -1,0 +1,108 @@
+"""The ``promptswap`` command as a user runs it: options, environment, a real server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.cli import build_parser
+from service.settings import Settings
+from tests.conftest import encode, make_image
+
+SERVE_OPTIONS = [
+    "--clip-model", "--host", "--port", "--device", "--dtype", "--max-batch-size",
+    "--max-wait-ms", "--max-queue",
+]
+
+
+def test_help_documents_every_option_with_default_and_env(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside values
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in SERVE_OPTIONS:
+        assert option in text
+    for name in Settings.model_fields:
+        assert f"PROMPTSWAP_{name.upper()}" in text
+    assert "Default: openai/clip-vit-base-patch16" in text
+
+
+def test_cli_overrides_environment(monkeypatch):
+    from service import cli
+
+    captured = {}
+    monkeypatch.setattr(cli, "serve", lambda overrides: captured.update(overrides) or 0)
+    monkeypatch.setenv("PROMPTSWAP_MAX_QUEUE", "7")
+    assert cli.main(["serve", "--max-batch-size", "3", "--device", "cpu"]) == 0
+    settings = Settings(**captured)
+    assert (settings.max_batch_size, settings.device, settings.max_queue) == (3, "cpu", 7)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_ready(proc: subprocess.Popen, url: str, limit_s: float = 120) -> None:
+    give_up = time.monotonic() + limit_s
+    while time.monotonic() < give_up:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)  # polling a child process's readiness, not a timing assertion
+    raise AssertionError("server did not become ready")
+
+
+def test_real_server_classifies_and_stops_cleanly(tiny_clip_dir: Path):
+    port = free_port()
+    proc = serve(
+        ["--clip-model", str(tiny_clip_dir), "--port", str(port), "--device", "cpu"],
+        env={"PROMPTSWAP_MAX_LABELS": "2"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url)
+        image = encode(make_image(0))
+        ok = httpx.post(f"{url}/v1/classify", files={"image": ("i.png", image)}, data={"labels": ["cat", "dog"]})
+        assert ok.status_code == 200 and ok.json()["labels"][0]["label"] in {"cat", "dog"}
+        too_many = httpx.post(
+            f"{url}/v1/classify", files={"image": ("i.png", image)}, data={"labels": ["a", "b", "c"]}
+        )
+        assert too_many.status_code == 422  # PROMPTSWAP_MAX_LABELS reached the server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    # uvicorn re-raises the SIGTERM after a graceful shutdown, so the status says so.
+    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+
+
+def test_not_a_clip_checkpoint_fails_at_start_up(tmp_path: Path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    proc = serve(["--clip-model", str(tmp_path), "--port", str(free_port()), "--device", "cpu"])
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "not a CLIP checkpoint" in output
