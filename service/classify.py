@@ -92,11 +92,9 @@ class ClassifyHandler:
         lengths = self.backbone.token_lengths([k.template.replace("{}", k.label) for k in missing])
         by_adapter: dict[str, list[TextKey]] = defaultdict(list)
         for key, n_tokens in zip(missing, lengths):
-            if n_tokens > limit:
-                failed[key] = Unprocessable(
-                    f"label {key.label[:40]!r} with the template is {n_tokens} tokens; "
-                    f"the text encoder takes at most {limit}"
-                )
+            problem = self._prompt_problem(key, n_tokens, limit, adapter_of[key.adapter])
+            if problem is not None:
+                failed[key] = Unprocessable(problem)
             else:
                 by_adapter[key.adapter].append(key)
         for akey, keys in by_adapter.items():
@@ -114,6 +112,26 @@ class ClassifyHandler:
                     out[key] = feat
                     self.cache.put(key, feat)
         return failed
+
+    def _prompt_problem(
+        self, key: TextKey, n_tokens: int, limit: int, adapter: PromptAdapter | None
+    ) -> str | None:
+        if n_tokens > limit:
+            return (
+                f"label {key.label[:40]!r} with the template is {n_tokens} tokens; "
+                f"the text encoder takes at most {limit}"
+            )
+        if adapter is not None:
+            # MaPLe replaces the n_ctx tokens after the start token: they must be template words.
+            n_ctx = adapter.text_prompts.shape[1]
+            prefix = key.template.split("{}")[0].strip()
+            before = self.backbone.token_lengths([prefix])[0] - 2  # minus start and end tokens
+            if before < n_ctx:
+                return (
+                    f"template {key.template!r} has {before} tokens before the label, but "
+                    f"adapter {adapter.key!r} replaces the first {n_ctx}; use a longer template"
+                )
+        return None
 
     def _image_features(self, items: list[ClassifyItem]) -> list[torch.Tensor]:
         """One forward per prompt shape; each row gathers its own adapter's prompts."""

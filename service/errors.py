@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters import errors as adapter_errors
+
 log = logging.getLogger("promptswap")
 
 
@@ -82,6 +84,24 @@ class InsufficientStorage(ApiError):
     status, code = 507, "insufficient_storage"
 
 
+# What each adapter-library error means for the client that sent the adapter.
+ADAPTER_ERROR_STATUS: dict[type[adapter_errors.AdapterError], int] = {
+    adapter_errors.AdapterFormatError: 400,
+    adapter_errors.AdapterChecksumError: 400,
+    adapter_errors.AdapterTooLarge: 413,
+    adapter_errors.AdapterValueError: 422,
+    adapter_errors.AdapterNameError: 422,
+    adapter_errors.AdapterMismatch: 409,
+}
+
+
+def adapter_error_status(exc: adapter_errors.AdapterError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ADAPTER_ERROR_STATUS:
+            return ADAPTER_ERROR_STATUS[cls]
+    return 400
+
+
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
@@ -90,6 +110,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.code, exc.message), exc.status, headers=exc.headers)
+
+    @app.exception_handler(adapter_errors.AdapterError)
+    async def _adapter_error(_: Request, exc: adapter_errors.AdapterError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, str(exc)), adapter_error_status(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import __version__
-from .api import inference, ops
+from .api import admin, inference, ops
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -47,7 +47,13 @@ def create_app(
     install_error_handlers(app)
     app.include_router(inference.router)
     app.include_router(ops.router)
+    app.include_router(admin.router)
     # Outermost last: metrics see every answer, including the body bound's 413.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        large_prefix="/v1/admin/",
+        large_max_bytes=settings.max_adapter_bytes + 2**20,  # room for the multipart framing
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

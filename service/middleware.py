@@ -45,20 +45,27 @@ class BodyTooLarge(PayloadTooLarge):
 
 
 class BodyLimitMiddleware:
-    """Answers 413 for a body over ``max_bytes``: at once from Content-Length, else when
-    the streamed bytes pass the bound (the route's body read then fails)."""
+    """Answers 413 for a body over its bound: at once from Content-Length, else when
+    the streamed bytes pass the bound (the route's body read then fails). Paths under
+    ``large_prefix`` (adapter uploads) get ``large_max_bytes``."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, large_prefix: str = "", large_max_bytes: int = 0
+    ) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default_max = max_bytes
+        self.large_prefix = large_prefix
+        self.large_max = large_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        large = bool(self.large_prefix) and scope["path"].startswith(self.large_prefix)
+        max_bytes = self.large_max if large else self.default_max
         declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await self._reject(send, max_bytes)
             return
         seen = 0
         started = False
@@ -68,8 +75,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(f"request body is over {self.max_bytes} bytes")
+                if seen > max_bytes:
+                    raise BodyTooLarge(f"request body is over {max_bytes} bytes")
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -82,11 +89,11 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, max_bytes)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, max_bytes: int) -> None:
         body = json.dumps(
-            error_body("payload_too_large", f"request body is over {self.max_bytes} bytes")
+            error_body("payload_too_large", f"request body is over {max_bytes} bytes")
         ).encode()
         await send(
             {

@@ -11,12 +11,16 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from adapters.format import clip_fingerprint
+
 from .backbones.clip import ClipBackbone
 from .batching import BatchQueue, BatchStats
-from .classify import ClassifyHandler, ClassifyItem, ClassifyResult, PromptAdapter
+from .classify import ClassifyHandler, ClassifyItem, ClassifyResult
 from .errors import NotFound
+from .registry import AdapterRegistry, LoadedAdapter
 from .metrics import Metrics
 from .settings import Settings
+from .store import AdapterStore
 from .text_cache import TextCache
 
 log = logging.getLogger("promptswap")
@@ -34,6 +38,7 @@ class Runtime:
         self.clip: ClipBackbone | None = None
         self.classify_handler: ClassifyHandler | None = None
         self.classify_queue: BatchQueue[ClassifyItem, ClassifyResult] | None = None
+        self.registry: AdapterRegistry | None = None
         self.text_cache = TextCache(
             settings.text_cache_entries,
             on_hit=metrics.text_cache_hits.inc,
@@ -69,6 +74,17 @@ class Runtime:
                 )
                 self.classify_handler = ClassifyHandler(self.clip, self.text_cache)
                 self.classify_queue = self._queue("classify", self.classify_handler)
+                self.registry = AdapterRegistry(
+                    AdapterStore(s.adapter_dir),
+                    fingerprint=clip_fingerprint(self.clip.model.config),
+                    device=self.clip.device,
+                    dtype=self.clip.dtype,
+                    cache_bytes=s.adapter_cache_bytes,
+                    max_adapter_bytes=s.max_adapter_bytes,
+                    io_executor=self.decode_pool,
+                    metrics=self.metrics,
+                    on_forget=self._forget_text,
+                )
         except Exception as exc:
             self.load_error = str(exc)
             log.error("model load failed: %s", exc)
@@ -102,11 +118,22 @@ class Runtime:
         queue.start()
         return queue
 
-    async def resolve_adapter(self, ref: str | None, method: str) -> PromptAdapter | None:
-        """The loaded adapter a request names (``name`` or ``name@version``), or None."""
+    async def acquire_adapter(self, ref: str | None, method: str) -> LoadedAdapter | None:
+        """The loaded adapter a request names (``name`` or ``name@version``), pinned
+        until ``release_adapter``; None when the request names none."""
         if ref is None:
             return None
-        raise NotFound(f"adapter {ref!r} not found")
+        if self.registry is None:
+            raise NotFound(f"adapter {ref!r} not found")
+        return await self.registry.acquire(ref, method)
+
+    def release_adapter(self, adapter: LoadedAdapter | None) -> None:
+        if adapter is not None and self.registry is not None:
+            self.registry.release(adapter)
+
+    def _forget_text(self, adapter_key: str) -> None:
+        # The text cache belongs to the model thread: drop entries there, in order.
+        self.model_executor.submit(self.text_cache.drop_adapter, adapter_key)
 
     async def stop(self) -> None:
         """Refuse new work, answer what was admitted, then release the threads."""

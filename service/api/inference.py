@@ -24,6 +24,8 @@ from ..errors import (
     Unprocessable,
 )
 from ..images import decode_base64_image, decode_image
+from ..registry import LoadedAdapter
+from ..runtime import Runtime
 from ..schemas import DEFAULT_TEMPLATE, ClassifyJSON, ClassifyResponse, ErrorBody, LabelScore
 from ..settings import Settings
 from .deps import ReadyRuntimeDep
@@ -84,8 +86,25 @@ async def classify(request: Request, runtime: ReadyRuntimeDep) -> Any:
     top_k = min(body.top_k or len(labels), len(labels))
     if runtime.clip is None or runtime.classify_queue is None:
         raise Unavailable("this service runs no CLIP backbone", retry_after_s=3600)
-    adapter = await runtime.resolve_adapter(body.adapter, method="maple")
+    adapter = await runtime.acquire_adapter(body.adapter, method="maple")
+    try:
+        # An adapter is used with the template it was trained with unless told otherwise.
+        template = template or (adapter.template if adapter else None) or DEFAULT_TEMPLATE
+        return await _classify(request, runtime, image_bytes, labels, template, top_k, adapter)
+    finally:
+        runtime.release_adapter(adapter)
 
+
+async def _classify(
+    request: Request,
+    runtime: Runtime,
+    image_bytes: bytes,
+    labels: list[str],
+    template: str,
+    top_k: int,
+    adapter: LoadedAdapter | None,
+) -> Any:
+    s = runtime.settings
     loop = asyncio.get_running_loop()
     clip = runtime.clip
     pixels = await loop.run_in_executor(
@@ -217,9 +236,9 @@ def _check_labels(labels: list[str], s: Settings) -> list[str]:
     return labels
 
 
-def _check_template(template: str | None, s: Settings) -> str:
+def _check_template(template: str | None, s: Settings) -> str | None:
     if template is None:
-        return DEFAULT_TEMPLATE
+        return None
     if len(template) > s.max_template_chars:
         raise Unprocessable(f"template: at most {s.max_template_chars} characters")
     if template.count("{}") != 1:

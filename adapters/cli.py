@@ -1,0 +1,103 @@
+"""Adapter commands: ``import-maple``, ``inspect``, ``validate``.
+
+``register(subparsers)`` adds them to any argparse subparsers object (the service
+wires them as ``promptswap adapters <cmd>``); each sets ``func(args) -> exit code``.
+``python -m adapters.cli <cmd>`` runs them standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from adapters.errors import AdapterError
+from adapters.format import clip_fingerprint, read_adapter_file, validate_for_backbone
+
+DEFAULT_MAX_BYTES = 64 << 20  # far above any MaPLe adapter (ViT-L/14, J=12: ~0.1 MB)
+
+
+def _backbone_config(ident: str):  # -> CLIPConfig
+    from transformers import CLIPConfig  # heavy import only when a command needs it
+
+    return CLIPConfig.from_pretrained(ident)
+
+
+def cmd_import_maple(args: argparse.Namespace) -> int:
+    from adapters.importers import convert_maple_checkpoint
+
+    data = convert_maple_checkpoint(
+        args.checkpoint, _backbone_config(args.backbone), name=args.name, description=args.description
+    )
+    out = Path(args.output or f"{args.name}.safetensors")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)  # never leave a half-written adapter under the final name
+    print(f"wrote {out} ({len(data)} bytes)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    adapter = read_adapter_file(args.file, max_bytes=args.max_bytes)
+    f = adapter.folded
+    print(json.dumps(json.loads(adapter.manifest.to_json()), indent=2, sort_keys=True))
+    for name, t in (("text_prompts", f.text), ("vision_prompts", f.vision)):
+        print(f"{name}: shape {list(t.shape)} stored {adapter.tensor_dtypes.get(name)}")
+    print(f"folded bytes (fp32): {f.nbytes}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    adapter = read_adapter_file(args.file, max_bytes=args.max_bytes)
+    validate_for_backbone(adapter, clip_fingerprint(_backbone_config(args.backbone)))
+    print("ok")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("import-maple", help="convert a MaPLe reference checkpoint to an adapter file")
+    p.add_argument("checkpoint", help="model.pth.tar-N file or Dassl output directory")
+    p.add_argument("--backbone", required=True, help="CLIP hub id or local directory")
+    p.add_argument("--name", required=True, help="adapter name: [a-z0-9][a-z0-9._-]{0,63}")
+    p.add_argument("-o", "--output", help="output file (default: NAME.safetensors)")
+    p.add_argument("--description", default="", help="free text stored in the manifest")
+    p.set_defaults(func=_guarded(cmd_import_maple))
+
+    p = subparsers.add_parser("inspect", help="print an adapter's manifest and tensor shapes")
+    p.add_argument("file")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    p.set_defaults(func=_guarded(cmd_inspect))
+
+    p = subparsers.add_parser("validate", help="check an adapter file against a backbone")
+    p.add_argument("file")
+    p.add_argument("--backbone", required=True, help="CLIP hub id or local directory")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    p.set_defaults(func=_guarded(cmd_validate))
+
+
+def _guarded(cmd):  # (Namespace -> int) -> (Namespace -> int)
+    """Expected failures become one line on stderr and exit 1, not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return cmd(args)
+        except AdapterError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:  # unreadable file, backbone config not found
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapters.cli", description=__doc__.splitlines()[0])
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The adapter registry: the store on disk plus the device cache.
+
+An adapter is named ``name`` (its latest version) or ``name@version``. A request
+*acquires* a loaded version and releases it when answered: acquired versions are
+pinned (never evicted mid-request), and a request keeps the version it acquired even
+when a newer one is uploaded meanwhile (hot swap). The device cache holds loaded
+versions under a byte budget with LRU eviction. A cold version is loaded once however
+many requests ask for it at the same moment (single flight). Versions are read from
+the store directory, so uploads made by other replicas sharing it are seen too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from adapters.errors import AdapterError
+from adapters.format import (
+    Adapter,
+    Manifest,
+    check_name,
+    encode_adapter,
+    load_adapter,
+    read_adapter_file,
+    validate_for_backbone,
+)
+
+from .errors import ApiError, NotFound, Unprocessable
+from .metrics import Metrics
+from .store import AdapterStore, StoredVersion
+
+log = logging.getLogger("promptswap.registry")
+
+
+class AdapterCorrupted(ApiError):
+    status, code = 500, "adapter_corrupted"
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """One adapter version on the device, in folded form."""
+
+    name: str
+    version: int
+    manifest: Manifest
+    text_prompts: torch.Tensor  # (depth, n_ctx, Dt) on the device
+    vision_prompts: torch.Tensor  # (depth, n_ctx, Dv) on the device
+    template: str | None
+    nbytes: int
+    pins: int = 0  # requests holding it: never evicted while > 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def n_ctx(self) -> int:
+        return self.text_prompts.shape[1]
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``name`` or ``name@version`` -> (name, version or None)."""
+    name, sep, version = ref.partition("@")
+    try:
+        check_name(name)
+    except AdapterError as exc:
+        raise NotFound(f"adapter {ref!r} not found ({exc})") from None
+    if not sep:
+        return name, None
+    if not version.isdigit() or not (0 < int(version) < 10**9):
+        raise NotFound(f"adapter {ref!r} not found: the version must be a positive integer")
+    return name, int(version)
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        store: AdapterStore,
+        *,
+        fingerprint: dict[str, Any],
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_bytes: int,
+        max_adapter_bytes: int,
+        io_executor: Executor,
+        metrics: Metrics,
+        on_forget: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.store = store
+        self.fingerprint = fingerprint
+        self.device = device
+        self.dtype = dtype
+        self.cache_bytes = cache_bytes
+        self.max_adapter_bytes = max_adapter_bytes
+        self._io = io_executor
+        self._metrics = metrics
+        self._on_forget = on_forget  # called with "name@version" when a version is deleted
+        self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order
+        self._flights: dict[str, asyncio.Future[LoadedAdapter]] = {}
+        self.loads = 0  # completed loads from disk, for tests and metrics
+        metrics.adapter_device_bytes.set_function(lambda: self.device_bytes)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(a.nbytes for a in self._loaded.values())
+
+    def is_loaded(self, key: str) -> bool:
+        return key in self._loaded
+
+    # ------------------------------------------------------------------ serving
+
+    async def acquire(self, ref: str, method: str = "maple") -> LoadedAdapter:
+        """Resolve ``ref``, load it if cold (once), pin it. Pair with ``release``."""
+        name, version = parse_ref(ref)
+        loop = asyncio.get_running_loop()
+        stored = await loop.run_in_executor(self._io, self.store.get, name, version)
+        if stored is None:
+            raise NotFound(f"adapter {ref!r} not found")
+        adapter = self._loaded.get(stored.key)
+        if adapter is None:
+            adapter = await self._load_once(stored)
+        if adapter.manifest.method != method:
+            raise Unprocessable(
+                f"adapter {adapter.key!r} is a {adapter.manifest.method} adapter; "
+                f"this endpoint takes {method} adapters"
+            )
+        self._loaded.move_to_end(adapter.key)
+        adapter.pins += 1
+        self._metrics.adapter_requests.labels(adapter.name).inc()
+        return adapter
+
+    def release(self, adapter: LoadedAdapter) -> None:
+        adapter.pins = max(0, adapter.pins - 1)
+        self._evict_over_budget()
+
+    async def _load_once(self, stored: StoredVersion) -> LoadedAdapter:
+        flight = self._flights.get(stored.key)
+        if flight is None:
+            flight = asyncio.ensure_future(self._load(stored))
+            self._flights[stored.key] = flight
+            flight.add_done_callback(lambda _: self._flights.pop(stored.key, None))
+        # shield: one waiter giving up must not cancel the load the others wait for
+        return await asyncio.shield(flight)
+
+    async def _load(self, stored: StoredVersion) -> LoadedAdapter:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            adapter = await loop.run_in_executor(self._io, self._read_and_place, stored)
+        except AdapterError as exc:
+            log.error("adapter %s in the store is unusable: %s", stored.key, exc)
+            raise AdapterCorrupted(f"adapter {stored.key!r} in the store is unusable: {exc}") from None
+        self.loads += 1
+        self._metrics.adapter_loads.inc()
+        self._metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        self._loaded[adapter.key] = adapter
+        self._evict_over_budget(keep=adapter.key)
+        return adapter
+
+    def _read_and_place(self, stored: StoredVersion) -> LoadedAdapter:
+        """File -> verified tensors on the device (in the I/O thread pool)."""
+        parsed = read_adapter_file(stored.path, max_bytes=self.max_adapter_bytes)
+        validate_for_backbone(parsed, self.fingerprint)
+        folded = parsed.folded
+        text = folded.text.to(self.device, self.dtype)
+        vision = folded.vision.to(self.device, self.dtype)
+        return LoadedAdapter(
+            name=stored.name,
+            version=stored.version,
+            manifest=parsed.manifest,
+            text_prompts=text,
+            vision_prompts=vision,
+            template=parsed.manifest.hyperparameters.get("template"),
+            nbytes=text.numel() * text.element_size() + vision.numel() * vision.element_size(),
+        )
+
+    def _evict_over_budget(self, keep: str | None = None) -> None:
+        for key in list(self._loaded):
+            if self.device_bytes <= self.cache_bytes:
+                return
+            adapter = self._loaded[key]
+            if adapter.pins > 0 or key == keep:
+                continue  # in use: evicted once released
+            del self._loaded[key]
+            self._metrics.adapter_evictions.inc()
+
+    # ------------------------------------------------------------------ admin
+
+    def parse_upload(self, data: bytes, name: str | None = None) -> Adapter:
+        """Validate uploaded bytes completely; nothing is stored here."""
+        adapter = load_adapter(data, max_bytes=self.max_adapter_bytes)
+        validate_for_backbone(adapter, self.fingerprint)
+        if name is not None:
+            adapter = Adapter(replace(adapter.manifest, name=check_name(name)), adapter.folded)
+        return adapter
+
+    def store_adapter(self, adapter: Adapter) -> StoredVersion:
+        """Write the next version of the adapter's name (blocking: call off the loop)."""
+        return self.store.put(
+            adapter.name,
+            lambda version: encode_adapter(
+                Adapter(replace(adapter.manifest, version=version), adapter.folded)
+            ),
+        )
+
+    def forget(self, removed: list[StoredVersion]) -> None:
+        """Drop deleted versions from the device cache (in-flight requests keep theirs)."""
+        for stored in removed:
+            if self._loaded.pop(stored.key, None) is not None:
+                self._metrics.adapter_evictions.inc()
+            if self._on_forget is not None:
+                self._on_forget(stored.key)
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        """Versions of ``name`` and the latest one's manifest (blocking: call off the loop)."""
+        versions = self.store.versions(name)
+        if not versions:
+            return None
+        described: dict[str, Any] = {
+            "name": name,
+            "latest": versions[-1].version,
+            "versions": [
+                {
+                    "version": v.version,
+                    "key": v.key,
+                    "size_bytes": v.size,
+                    "loaded": v.key in self._loaded,
+                }
+                for v in versions
+            ],
+        }
+        try:
+            manifest = read_adapter_file(versions[-1].path, max_bytes=self.max_adapter_bytes).manifest
+        except AdapterError as exc:
+            described["error"] = str(exc)
+        else:
+            described.update(
+                method=manifest.method,
+                description=manifest.description,
+                hyperparameters=manifest.hyperparameters,
+                created_at=manifest.created_at,
+            )
+        return described
