@@ -23,12 +23,16 @@ from .text_cache import TextCache, TextKey
 TEXT_CHUNK = 256  # prompts per text forward: bounds activation memory for big label sets
 
 
+class FoldedPrompts(Protocol):
+    text: torch.Tensor  # (depth, n_ctx, Dt) on the device
+    vision: torch.Tensor  # (depth, n_ctx, Dv) on the device
+
+
 class PromptAdapter(Protocol):
     """What the handler needs of a loaded MaPLe adapter (see service.registry)."""
 
     key: str  # "name@version"
-    text_prompts: torch.Tensor  # (depth, n_ctx, Dt) on the device
-    vision_prompts: torch.Tensor  # (depth, n_ctx, Dv) on the device
+    folded: FoldedPrompts
 
 
 @dataclass
@@ -49,7 +53,7 @@ class ClassifyResult:
 
 
 def _prompt_shape(adapter: PromptAdapter | None) -> tuple[int, ...] | None:
-    return None if adapter is None else tuple(adapter.vision_prompts.shape)
+    return None if adapter is None else tuple(adapter.folded.vision.shape)
 
 
 class ClassifyHandler:
@@ -103,7 +107,7 @@ class ClassifyHandler:
                 chunk = keys[start : start + TEXT_CHUNK]
                 prompts = None
                 if adapter is not None:
-                    prompts = adapter.text_prompts.unsqueeze(0).expand(len(chunk), -1, -1, -1)
+                    prompts = adapter.folded.text.unsqueeze(0).expand(len(chunk), -1, -1, -1)
                 feats = self.backbone.text_features(
                     [k.template.replace("{}", k.label) for k in chunk], prompts
                 )
@@ -123,7 +127,7 @@ class ClassifyHandler:
             )
         if adapter is not None:
             # MaPLe replaces the n_ctx tokens after the start token: they must be template words.
-            n_ctx = adapter.text_prompts.shape[1]
+            n_ctx = adapter.folded.text.shape[1]
             prefix = key.template.split("{}")[0].strip()
             before = self.backbone.token_lengths([prefix])[0] - 2  # minus start and end tokens
             if before < n_ctx:
@@ -143,7 +147,7 @@ class ClassifyHandler:
             pixels = torch.stack([items[i].pixels for i in rows])  # (B, 3, H, W)
             prompts = None
             if shape is not None:
-                prompts = torch.stack([items[i].adapter.vision_prompts for i in rows])
+                prompts = torch.stack([items[i].adapter.folded.vision for i in rows])
             feats = self.backbone.image_features(pixels, prompts)  # (B, P)
             for i, feat in zip(rows, feats):
                 out[i] = feat

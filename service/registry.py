@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from adapters.format import (
     validate_for_backbone,
 )
 
-from .errors import ApiError, NotFound, Unprocessable
+from .errors import ApiError, Conflict, NotFound, Unprocessable
 from .metrics import Metrics
 from .store import AdapterStore, StoredVersion
 
@@ -51,10 +51,9 @@ class LoadedAdapter:
     name: str
     version: int
     manifest: Manifest
-    text_prompts: torch.Tensor  # (depth, n_ctx, Dt) on the device
-    vision_prompts: torch.Tensor  # (depth, n_ctx, Dv) on the device
-    template: str | None
+    folded: Any  # the method's folded tensors on the device (FoldedMaple, FoldedM2pt)
     nbytes: int
+    extras: dict[str, Any] = field(default_factory=dict)  # precomputed per adapter (KV prefix)
     pins: int = 0  # requests holding it: never evicted while > 0
 
     @property
@@ -62,8 +61,21 @@ class LoadedAdapter:
         return f"{self.name}@{self.version}"
 
     @property
-    def n_ctx(self) -> int:
-        return self.text_prompts.shape[1]
+    def method(self) -> str:
+        return self.manifest.method
+
+    @property
+    def template(self) -> str | None:
+        return self.manifest.hyperparameters.get("template")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one method's adapters fit the backbone that serves them."""
+
+    fingerprint: dict[str, Any]
+    # folded tensors (CPU, fp32) -> (device form, device bytes, extras)
+    place: Callable[[Any], tuple[Any, int, dict[str, Any]]]
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -85,9 +97,7 @@ class AdapterRegistry:
         self,
         store: AdapterStore,
         *,
-        fingerprint: dict[str, Any],
-        device: torch.device,
-        dtype: torch.dtype,
+        placements: dict[str, Placement],
         cache_bytes: int,
         max_adapter_bytes: int,
         io_executor: Executor,
@@ -95,9 +105,7 @@ class AdapterRegistry:
         on_forget: Callable[[str], Any] | None = None,
     ) -> None:
         self.store = store
-        self.fingerprint = fingerprint
-        self.device = device
-        self.dtype = dtype
+        self.placements = placements  # by method: the backbones this service runs
         self.cache_bytes = cache_bytes
         self.max_adapter_bytes = max_adapter_bytes
         self._io = io_executor
@@ -165,22 +173,22 @@ class AdapterRegistry:
         self._evict_over_budget(keep=adapter.key)
         return adapter
 
+    def _placement(self, adapter: Adapter) -> Placement:
+        placement = self.placements.get(adapter.manifest.method)
+        if placement is None:
+            raise Conflict(
+                f"adapter {adapter.name!r} is a {adapter.manifest.method} adapter, and this "
+                f"service runs no backbone for it (it serves: {', '.join(sorted(self.placements))})"
+            )
+        return placement
+
     def _read_and_place(self, stored: StoredVersion) -> LoadedAdapter:
         """File -> verified tensors on the device (in the I/O thread pool)."""
         parsed = read_adapter_file(stored.path, max_bytes=self.max_adapter_bytes)
-        validate_for_backbone(parsed, self.fingerprint)
-        folded = parsed.folded
-        text = folded.text.to(self.device, self.dtype)
-        vision = folded.vision.to(self.device, self.dtype)
-        return LoadedAdapter(
-            name=stored.name,
-            version=stored.version,
-            manifest=parsed.manifest,
-            text_prompts=text,
-            vision_prompts=vision,
-            template=parsed.manifest.hyperparameters.get("template"),
-            nbytes=text.numel() * text.element_size() + vision.numel() * vision.element_size(),
-        )
+        placement = self._placement(parsed)
+        validate_for_backbone(parsed, placement.fingerprint)
+        folded, nbytes, extras = placement.place(parsed.folded)
+        return LoadedAdapter(stored.name, stored.version, parsed.manifest, folded, nbytes, extras)
 
     def _evict_over_budget(self, keep: str | None = None) -> None:
         for key in list(self._loaded):
@@ -197,7 +205,7 @@ class AdapterRegistry:
     def parse_upload(self, data: bytes, name: str | None = None) -> Adapter:
         """Validate uploaded bytes completely; nothing is stored here."""
         adapter = load_adapter(data, max_bytes=self.max_adapter_bytes)
-        validate_for_backbone(adapter, self.fingerprint)
+        validate_for_backbone(adapter, self._placement(adapter).fingerprint)
         if name is not None:
             adapter = Adapter(replace(adapter.manifest, name=check_name(name)), adapter.folded)
         return adapter

@@ -17,13 +17,22 @@ from .backbones.clip import ClipBackbone
 from .batching import BatchQueue, BatchStats
 from .classify import ClassifyHandler, ClassifyItem, ClassifyResult
 from .errors import NotFound
-from .registry import AdapterRegistry, LoadedAdapter
+from .registry import AdapterRegistry, LoadedAdapter, Placement
 from .metrics import Metrics
 from .settings import Settings
 from .store import AdapterStore
 from .text_cache import TextCache
 
 log = logging.getLogger("promptswap")
+
+
+def maple_placement(clip: ClipBackbone) -> Placement:
+    def place(folded):
+        on_device = folded.to(clip.device, clip.dtype)
+        nbytes = sum(t.numel() * t.element_size() for t in (on_device.text, on_device.vision))
+        return on_device, nbytes, {}
+
+    return Placement(clip_fingerprint(clip.model.config), place)
 
 
 class Runtime:
@@ -65,36 +74,39 @@ class Runtime:
         self._load_task = asyncio.get_running_loop().create_task(self._load(on_fatal))
 
     async def _load(self, on_fatal: Callable[[str], None] | None) -> None:
-        loop = asyncio.get_running_loop()
-        s = self.settings
         try:
-            if s.clip_model:
-                self.clip = await loop.run_in_executor(
-                    self.model_executor, ClipBackbone.load, s.clip_model, s.device, s.dtype
-                )
-                self.classify_handler = ClassifyHandler(self.clip, self.text_cache)
-                self.classify_queue = self._queue("classify", self.classify_handler)
-                self.registry = AdapterRegistry(
-                    AdapterStore(s.adapter_dir),
-                    fingerprint=clip_fingerprint(self.clip.model.config),
-                    device=self.clip.device,
-                    dtype=self.clip.dtype,
-                    cache_bytes=s.adapter_cache_bytes,
-                    max_adapter_bytes=s.max_adapter_bytes,
-                    io_executor=self.decode_pool,
-                    metrics=self.metrics,
-                    on_forget=self._forget_text,
-                )
+            await self._load_models()
         except Exception as exc:
             self.load_error = str(exc)
-            log.error("model load failed: %s", exc)
+            log.error("start-up failed: %s", exc)
             if on_fatal is not None:
                 on_fatal(self.load_error)
-            return
+        else:
+            self._ready.set()
+            log.info("ready")
         finally:
             self._settled.set()
-        self._ready.set()
-        log.info("ready")
+
+    async def _load_models(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        placements: dict[str, Placement] = {}
+        if s.clip_model:
+            self.clip = await loop.run_in_executor(
+                self.model_executor, ClipBackbone.load, s.clip_model, s.device, s.dtype
+            )
+            self.classify_handler = ClassifyHandler(self.clip, self.text_cache)
+            self.classify_queue = self._queue("classify", self.classify_handler)
+            placements["maple"] = maple_placement(self.clip)
+        self.registry = AdapterRegistry(
+            AdapterStore(s.adapter_dir),
+            placements=placements,
+            cache_bytes=s.adapter_cache_bytes,
+            max_adapter_bytes=s.max_adapter_bytes,
+            io_executor=self.decode_pool,
+            metrics=self.metrics,
+            on_forget=self._forget_text,
+        )
 
     def _queue(self, name: str, handler) -> BatchQueue:
         s, m = self.settings, self.metrics
