@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import __version__
-from .api import admin, inference, ops
+from .api import admin, chat, inference, ops
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -46,6 +46,7 @@ def create_app(
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(inference.router)
+    app.include_router(chat.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
     # Outermost last: metrics see every answer, including the body bound's 413.

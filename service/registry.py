@@ -227,6 +227,9 @@ class AdapterRegistry:
             if self._on_forget is not None:
                 self._on_forget(stored.key)
 
+    def describe_all(self) -> list[dict[str, Any]]:
+        return [d for n in self.store.names() if (d := self.describe(n)) is not None]
+
     def describe(self, name: str) -> dict[str, Any] | None:
         """Versions of ``name`` and the latest one's manifest (blocking: call off the loop)."""
         versions = self.store.versions(name)

@@ -14,9 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from adapters.format import clip_fingerprint
 
 from .backbones.clip import ClipBackbone
+from .backbones.llava import LlavaBackbone
 from .batching import BatchQueue, BatchStats
 from .classify import ClassifyHandler, ClassifyItem, ClassifyResult
 from .errors import NotFound
+from .generation import GenerationEngine
 from .registry import AdapterRegistry, LoadedAdapter, Placement
 from .metrics import Metrics
 from .settings import Settings
@@ -48,6 +50,8 @@ class Runtime:
         self.classify_handler: ClassifyHandler | None = None
         self.classify_queue: BatchQueue[ClassifyItem, ClassifyResult] | None = None
         self.registry: AdapterRegistry | None = None
+        self.llava: LlavaBackbone | None = None
+        self.chat_engine: GenerationEngine | None = None
         self.text_cache = TextCache(
             settings.text_cache_entries,
             on_hit=metrics.text_cache_hits.inc,
@@ -98,6 +102,19 @@ class Runtime:
             self.classify_handler = ClassifyHandler(self.clip, self.text_cache)
             self.classify_queue = self._queue("classify", self.classify_handler)
             placements["maple"] = maple_placement(self.clip)
+        if s.llava_model:
+            self.llava = await loop.run_in_executor(
+                self.model_executor, LlavaBackbone.load, s.llava_model, s.device, s.dtype
+            )
+            self.chat_engine = GenerationEngine(
+                self.llava,
+                executor=self.model_executor,
+                max_batch_size=s.chat_max_batch_size,
+                max_queue=s.chat_max_queue,
+                on_step=self.metrics.batch_size.labels("chat").observe,
+            )
+            self.metrics.queue_depth.labels("chat").set_function(lambda: self.chat_engine.depth)
+            self.chat_engine.start()
         self.registry = AdapterRegistry(
             AdapterStore(s.adapter_dir),
             placements=placements,
@@ -153,5 +170,7 @@ class Runtime:
             self._load_task.cancel()
         if self.classify_queue is not None:
             await self.classify_queue.stop(drain=True)
+        if self.chat_engine is not None:
+            await self.chat_engine.stop(drain=True)
         self.model_executor.shutdown(wait=True, cancel_futures=True)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
         "openai/clip-vit-base-patch16",
         description="CLIP checkpoint: a model-hub id or a local directory ('' to run without CLIP).",
     )
+    llava_model: str | None = Field(
+        None,
+        description="LLaVA checkpoint for /v1/chat: a hub id (e.g. llava-hf/llava-1.5-7b-hf) or a "
+        "local directory; unset runs without chat.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the backbone runs.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Backbone weights' dtype; auto is float16 on CUDA, float32 on CPU."
@@ -49,6 +54,14 @@ class Settings(BaseSettings):
         min(4, os.cpu_count() or 1), ge=1, le=64, description="Threads decoding images."
     )
 
+    chat_max_batch_size: int = Field(
+        16, ge=1, le=1024, description="Chat requests decoded together (joining between steps)."
+    )
+    chat_max_queue: int = Field(64, ge=1, description="Chat requests waiting to start; past it: 429.")
+    chat_timeout_s: float = Field(
+        300.0, gt=0, description="Deadline of a chat request from admission; past it: 504."
+    )
+
     # Request bounds
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="Largest request body (413).")
     max_image_pixels: int = Field(
@@ -56,6 +69,12 @@ class Settings(BaseSettings):
     )
     max_labels: int = Field(1000, ge=1, description="Most labels per classify request (422).")
     max_label_chars: int = Field(200, ge=1, description="Longest label in characters (422).")
+    max_new_tokens: int = Field(
+        512, ge=1, description="Largest max_tokens a chat request may ask for (422)."
+    )
+    max_prompt_chars: int = Field(
+        32_000, ge=1, description="Largest chat text (all messages) in characters (422)."
+    )
     max_template_chars: int = Field(300, ge=3, description="Longest prompt template (422).")
 
     # Caches

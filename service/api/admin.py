@@ -130,11 +130,7 @@ async def delete_adapter(ref: str, registry: RegistryDep, runtime: ReadyRuntimeD
 async def list_adapters(registry: RegistryDep, runtime: ReadyRuntimeDep) -> dict[str, Any]:
     """Every stored adapter with its versions, sizes and whether each is loaded."""
     loop = asyncio.get_running_loop()
-
-    def describe_all() -> list[dict[str, Any]]:
-        return [d for n in registry.store.names() if (d := registry.describe(n)) is not None]
-
-    return {"adapters": await loop.run_in_executor(runtime.decode_pool, describe_all)}
+    return {"adapters": await loop.run_in_executor(runtime.decode_pool, registry.describe_all)}
 
 
 @router.get("/v1/adapters/{name}", responses={404: {"model": ErrorBody}}, tags=["adapters"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -37,8 +39,18 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(runtime: ReadyRuntimeDep) -> ModelList:
-    """The backbones this service runs."""
+    """What a request can name: the backbones, and each adapter as name and name@version."""
     cards = []
     if runtime.clip is not None:
         cards.append(ModelCard(id=runtime.clip.model_id, kind="clip", task="classify"))
+    if runtime.llava is not None:
+        cards.append(ModelCard(id=runtime.llava.model_id, kind="llava", task="chat"))
+    if runtime.registry is not None:
+        registry = runtime.registry
+        loop = asyncio.get_running_loop()
+        for described in await loop.run_in_executor(runtime.decode_pool, registry.describe_all):
+            task = "chat" if described.get("method") == "m2pt" else "classify"
+            for version in described["versions"]:
+                cards.append(ModelCard(id=version["key"], kind="adapter", task=task))
+            cards.append(ModelCard(id=described["name"], kind="adapter", task=task))
     return ModelList(data=cards)

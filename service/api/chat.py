@@ -1,0 +1,292 @@
+"""Chat: ``POST /v1/chat`` (image + instruction) and the OpenAI-compatible
+``POST /v1/chat/completions``, both optionally streamed as server-sent events."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from .. import chat
+from ..errors import ApiError, BadRequest, NotFound, UnsupportedMediaType, Unprocessable, error_body
+from ..generation import GenRequest
+from ..images import decode_base64_image
+from ..registry import LoadedAdapter
+from ..runtime import Runtime
+from ..schemas import ErrorBody
+from .deps import ReadyRuntimeDep
+from .inference import ClientGone, _unless_disconnected
+
+router = APIRouter(tags=["chat"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422, 429, 503, 504)
+}
+
+
+# ---------------------------------------------------------------- /v1/chat
+
+
+class ChatJSON(BaseModel):
+    image: str = Field(description="The image as base64 or a data: URL (no remote URLs).")
+    instruction: str = Field(description="What to do with the image.")
+    adapter: str | None = Field(None, description="M2PT adapter as 'name' or 'name@version'.")
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
+    temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class ChatResponse(BaseModel):
+    id: str
+    model: str
+    adapter: str | None
+    text: str
+    finish_reason: str
+    usage: dict[str, int]
+
+
+def stops(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+async def parse_chat_body(request: Request, max_bytes: int) -> chat.ChatCall:
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=2, max_fields=16, max_part_size=64 * 1024)
+        except HTTPException as exc:
+            raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+        files = [v for v in form.getlist("image") if isinstance(v, UploadFile)]
+        chat.check_one_image(len(files))
+        image = await files[0].read()
+        fields: dict[str, Any] = {"image": "", "stop": form.getlist("stop") or None}
+        for name in ("instruction", "adapter", "max_tokens", "temperature", "top_p", "seed", "stream"):
+            value = form.get(name)
+            if isinstance(value, str) and value != "":
+                fields[name] = value
+        body = validated(ChatJSON, fields)
+    elif content_type.startswith("application/json"):
+        body = validated_json(ChatJSON, await request.body())
+        if not body.image:
+            chat.check_one_image(0)
+        image = decode_base64_image(body.image, max_bytes=max_bytes)
+    else:
+        raise UnsupportedMediaType("send multipart/form-data or application/json")
+    call = chat.ChatCall(
+        conversation=chat.instruction_conversation(body.instruction), image=image,
+        adapter=body.adapter, max_tokens=body.max_tokens, temperature=body.temperature,
+        top_p=body.top_p, seed=body.seed, stop=stops(body.stop),
+    )
+    call.stream = body.stream
+    return call
+
+
+def validated(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise Unprocessable(f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}") from None
+
+
+def validated_json(model: type[BaseModel], raw: bytes) -> Any:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise BadRequest(f"the body is not valid JSON: {first['msg']}") from None
+        raise Unprocessable(f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}") from None
+
+
+@router.post("/v1/chat", response_model=ChatResponse, responses=ERRORS, openapi_extra={
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": ChatJSON.model_json_schema()},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image", "instruction"], "properties": {
+            "image": {"type": "string", "format": "binary"}, "instruction": {"type": "string"},
+            "adapter": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {"type": "number"}, "top_p": {"type": "number"}, "seed": {"type": "integer"},
+            "stop": {"type": "array", "items": {"type": "string"}}, "stream": {"type": "boolean"}}}},
+    }}})
+async def chat_route(request: Request, runtime: ReadyRuntimeDep) -> Any:
+    """Answer an instruction about one image, with an optional M2PT adapter."""
+    call = await parse_chat_body(request, runtime.settings.max_body_bytes)
+    generation, adapter = await chat.start(runtime, call)
+    model = runtime.llava.model_id  # type: ignore[union-attr]
+    rid = f"chat-{uuid.uuid4().hex[:24]}"
+    key = adapter.key if adapter else None
+
+    def event(delta_text: str, finish: str | None) -> dict[str, Any]:
+        payload: dict[str, Any] = {"id": rid, "model": model, "adapter": key, "text": delta_text,
+                                   "finish_reason": finish}
+        if finish is not None:
+            payload["usage"] = chat.usage_of(generation).as_dict()
+        return payload
+
+    if call.stream:
+        return sse(runtime, generation, adapter, lambda d: [event(d.text, d.finish_reason)])
+    collected = await collect(request, runtime, generation, adapter)
+    if collected is None:
+        return Response(status_code=499)  # the client left; nobody reads this
+    text, finish = collected
+    return ChatResponse(id=rid, model=model, adapter=key, text=text, finish_reason=finish,
+                        usage=chat.usage_of(generation).as_dict())
+
+
+async def collect(
+    request: Request, runtime: Runtime, generation: GenRequest, adapter: LoadedAdapter | None
+) -> tuple[str, str] | None:
+    """The whole answer, or None when the client left (its generation is stopped)."""
+    async def run() -> tuple[str, str]:
+        parts: list[str] = []
+        finish = "stop"
+        async for delta in chat.deltas(generation):
+            parts.append(delta.text)
+            finish = delta.finish_reason or finish
+        return "".join(parts), finish
+
+    try:
+        return await _unless_disconnected(request, run())
+    except ClientGone:
+        generation.cancelled = True
+        runtime.metrics.rejected.labels("chat", "client_gone").inc()
+        return None
+    finally:
+        runtime.release_adapter(adapter)
+
+
+def sse(
+    runtime: Runtime,
+    generation: GenRequest,
+    adapter: LoadedAdapter | None,
+    render: Callable[[Any], list[dict[str, Any]]],
+) -> StreamingResponse:
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for delta in chat.deltas(generation):
+                for payload in render(delta):
+                    yield f"data: {json.dumps(payload)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        except ApiError as exc:  # the stream has started: the error travels as an event
+            yield f"data: {json.dumps(error_body(exc.code, exc.message))}\n\n".encode()
+        finally:
+            generation.cancelled = True  # the client left or the stream ended
+            runtime.release_adapter(adapter)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---------------------------------------------------------------- OpenAI-compatible
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart | ImagePart]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+
+
+def resolve_model(runtime: Runtime, name: str) -> str | None:
+    """``model`` names the backbone (no adapter) or an adapter; returns the adapter ref."""
+    if runtime.llava is not None and name == runtime.llava.model_id:
+        return None
+    if not name:
+        raise NotFound("model: name the backbone or an adapter (see GET /v1/models)")
+    return name
+
+
+@router.post("/v1/chat/completions", responses=ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": CompletionRequest.model_json_schema()}}}})
+async def chat_completions(request: Request, runtime: ReadyRuntimeDep) -> Any:
+    """OpenAI's chat completions: messages with text and data: URL image parts."""
+    if not request.headers.get("content-type", "").lower().startswith("application/json"):
+        raise UnsupportedMediaType("send application/json")
+    body: CompletionRequest = validated_json(CompletionRequest, await request.body())
+    conversation, image = chat.openai_conversation(body.messages, runtime.settings.max_body_bytes)
+    call = chat.ChatCall(
+        conversation=conversation, image=image, adapter=resolve_model(runtime, body.model),
+        max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+        top_p=body.top_p, seed=body.seed, stop=stops(body.stop),
+    )
+    generation, adapter = await chat.start(runtime, call)
+    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    model = body.model
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        first = [True]
+
+        def chunks(delta: Any) -> list[dict[str, Any]]:
+            out = []
+            piece: dict[str, Any] = {"content": delta.text}
+            if first[0]:
+                piece["role"] = "assistant"
+                first[0] = False
+            out.append({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": piece, "finish_reason": delta.finish_reason}]})
+            if delta.finish_reason is not None and include_usage:
+                out.append({"id": rid, "object": "chat.completion.chunk", "created": created,
+                            "model": model, "choices": [], "usage": chat.usage_of(generation).as_dict()})
+            return out
+
+        return sse(runtime, generation, adapter, chunks)
+
+    collected = await collect(request, runtime, generation, adapter)
+    if collected is None:
+        return Response(status_code=499)
+    text, finish = collected
+    return JSONResponse({
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish, "logprobs": None}],
+        "usage": chat.usage_of(generation).as_dict(),
+    })

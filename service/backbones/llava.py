@@ -1,0 +1,154 @@
+"""The frozen LLaVA backbone: loading, prompt preparation, prefill and batched decode.
+
+Generation state lives outside the model as per-request key/value tensors, so requests
+can join and leave a running batch between decode steps (iteration-level batching):
+each decode step pads the active requests' caches to a common length on the left,
+masks the padding, and gives every row its own position ids. With one request and no
+adapter, prefill and decode are exactly what ``model.generate`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+
+from .clip import BackboneLoadError, resolve_device, resolve_dtype
+
+log = logging.getLogger("promptswap.llava")
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, length, head_dim) each
+
+
+@dataclass
+class PreparedPrompt:
+    """A chat prompt ready for the model (made in the decode threads)."""
+
+    input_ids: torch.Tensor  # (1, L)
+    pixel_values: torch.Tensor  # (1, 3, H, W)
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+@dataclass
+class LlavaBackbone:
+    model_id: str
+    model: LlavaForConditionalGeneration
+    processor: object  # LlavaProcessor: tokenizer, image processor, chat template
+    device: torch.device
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        self._processor_lock = threading.Lock()  # the Rust tokenizer is not re-entrant
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        ids.append(self.processor.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(i for i in ids if i is not None)
+
+    @classmethod
+    def load(cls, source: str, device: str = "auto", dtype: str = "auto") -> LlavaBackbone:
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise BackboneLoadError(f"cannot read a model config from {source!r}: {exc}") from exc
+        if config.model_type != "llava":
+            raise BackboneLoadError(f"{source!r} holds a {config.model_type!r} model, not a LLaVA checkpoint")
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
+            processor = AutoProcessor.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise BackboneLoadError(f"cannot load LLaVA from {source!r}: {exc}") from exc
+        if getattr(processor, "chat_template", None) is None:
+            raise BackboneLoadError(f"{source!r} has no chat template in its processor")
+        model.requires_grad_(False)
+        model.eval().to(dev)
+        log.info("loaded LLaVA %s on %s as %s", source, dev, torch_dtype)
+        return cls(source, model, processor, dev, torch_dtype)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.text_config.max_position_embeddings
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def prepare(self, image: Image.Image, conversation: list[dict]) -> PreparedPrompt:
+        """Chat template + image processing; ``conversation`` holds exactly one image part."""
+        with self._processor_lock:
+            text = self.processor.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+            inputs = self.processor(images=image, text=text, return_tensors="pt")
+        return PreparedPrompt(inputs["input_ids"], inputs["pixel_values"])
+
+    def decode_text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ model thread
+
+    @torch.inference_mode()
+    def prefill(self, prompt: PreparedPrompt) -> tuple[torch.Tensor, KV]:
+        """Logits of the next token (V,) and the prompt's cache, as ``generate`` computes them."""
+        ids = prompt.input_ids.to(self.device)
+        out = self.model(
+            input_ids=ids,
+            pixel_values=prompt.pixel_values.to(self.device, self.dtype),
+            attention_mask=torch.ones_like(ids),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.past_key_values
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return out.logits[0, -1].float(), kv
+
+    @torch.inference_mode()
+    def decode(
+        self, tokens: list[int], caches: list[KV], positions: list[int]
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """One decode step for B requests with caches of different lengths.
+
+        Returns logits (B, V) and each request's cache grown by one token.
+        """
+        lengths = [kv[0][0].shape[2] for kv in caches]
+        longest = max(lengths)
+        batch = len(caches)
+        padded = []
+        for layer in range(len(caches[0])):
+            k0, v0 = caches[0][layer]
+            keys = k0.new_zeros(batch, k0.shape[1], longest, k0.shape[3])  # (B, Hkv, Lmax, d)
+            values = v0.new_zeros(batch, v0.shape[1], longest, v0.shape[3])
+            for row, kv in enumerate(caches):
+                keys[row, :, longest - lengths[row] :] = kv[layer][0][0]
+                values[row, :, longest - lengths[row] :] = kv[layer][1][0]
+            padded.append((keys, values))
+        mask = torch.zeros(batch, longest + 1, dtype=torch.long, device=self.device)
+        for row, length in enumerate(lengths):
+            mask[row, longest - length :] = 1  # left padding is masked out
+        cache = DynamicCache(ddp_cache_data=padded)
+        out = self.model.model.language_model(
+            input_ids=torch.tensor(tokens, device=self.device)[:, None],  # (B, 1)
+            attention_mask=mask,
+            position_ids=torch.tensor(positions, device=self.device)[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()  # (B, V)
+        grown: list[KV] = []
+        for row, length in enumerate(lengths):
+            start = longest - length
+            grown.append(
+                [
+                    (layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
+                    for layer in cache.layers
+                ]
+            )
+        return logits, grown

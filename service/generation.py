@@ -1,0 +1,236 @@
+"""Iteration-level batching for chat: requests join and leave between decode steps.
+
+The engine's loop (on the event loop) admits waiting requests up to
+``max_batch_size`` active ones, then runs one *step* in the model thread: a prefill
+for each newly admitted request and one batched decode step for all the others. Each
+step yields at most one token per request, handed to that request's own event queue,
+so a short request finishes and leaves while a long one keeps going, and a new one
+starts at the next step. Cancelled (client gone) and expired requests are dropped
+between steps. Sampling uses a per-request generator, so a row's tokens never depend on
+its batch neighbours' randomness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .backbones.llava import KV, LlavaBackbone, PreparedPrompt
+from .batching import Closed, Expired, QueueFull
+
+log = logging.getLogger("promptswap.generation")
+
+
+@dataclass
+class Delta:
+    """New text of one request; ``finish_reason`` set on its last delta."""
+
+    text: str
+    tokens: int  # completion tokens so far
+    finish_reason: str | None = None  # "stop" | "length"
+
+
+@dataclass(eq=False)
+class GenRequest:
+    prompt: PreparedPrompt
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    adapter: Any = None  # a loaded M2PT adapter, or None
+    deadline: float = float("inf")  # on the loop's clock
+    events: asyncio.Queue[Delta | BaseException] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    # model-thread state
+    kv: KV | None = None
+    position: int = 0
+    last_token: int = -1
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of text already handed out
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prompt.length
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        backbone: LlavaBackbone,
+        *,
+        executor: Executor,
+        max_batch_size: int,
+        max_queue: int,
+        on_step: Any = None,
+    ) -> None:
+        self.backbone = backbone
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self._waiting: collections.deque[GenRequest] = collections.deque()
+        self._active: list[GenRequest] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # set while nothing waits or runs
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._on_step = on_step
+        self.steps = 0
+        self.batch_rows: list[int] = []  # rows per decode step, for tests and metrics
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="generation")
+
+    async def stop(self, drain: bool = True) -> None:
+        """Refuse new requests; with ``drain``, let admitted ones finish first."""
+        self._closed = True
+        if drain and self._task is not None and not self._task.done():
+            await self._idle.wait()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for request in [*self._waiting, *self._active]:
+            request.events.put_nowait(Closed("shutting down"))
+
+    def submit(self, request: GenRequest) -> None:
+        """Admit ``request`` or refuse it at once (QueueFull / Closed)."""
+        if self._closed:
+            raise Closed("not accepting requests")
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} chat requests already waiting")
+        self._waiting.append(request)
+        self._idle.clear()
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._waiting and not self._active:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+            now = loop.time()
+            self._active = [r for r in self._active if self._still_wanted(r, now)]
+            new: list[GenRequest] = []
+            while self._waiting and len(self._active) + len(new) < self.max_batch_size:
+                request = self._waiting.popleft()
+                if self._still_wanted(request, now):
+                    new.append(request)
+            if not new and not self._active:
+                continue
+            old = list(self._active)
+            try:
+                deltas = await loop.run_in_executor(self._executor, self._step, new, old)
+            except Exception as exc:  # a failed step fails its rows only; the loop goes on
+                log.exception("generation step failed")
+                for request in new + old:
+                    request.events.put_nowait(exc)
+                    request.finish_reason = "error"
+                deltas = []
+            for request, delta in deltas:
+                request.events.put_nowait(delta)
+            self._active = [r for r in old + new if r.finish_reason is None]
+            self.steps += 1
+            if self._on_step is not None:
+                self._on_step(len(old) + len(new))
+
+    @staticmethod
+    def _still_wanted(request: GenRequest, now: float) -> bool:
+        if request.cancelled:
+            return False
+        if now > request.deadline:
+            request.events.put_nowait(Expired("the request's deadline passed during generation"))
+            request.finish_reason = "error"
+            return False
+        return True
+
+    # ------------------------------------------------------------------ model thread
+
+    def _step(self, new: list[GenRequest], old: list[GenRequest]) -> list[tuple[GenRequest, Delta]]:
+        out: list[tuple[GenRequest, Delta]] = []
+        for request in new:
+            try:
+                logits, request.kv = self.backbone.prefill(request.prompt)
+            except Exception as exc:  # this request's prompt failed: only it fails
+                log.exception("prefill failed")
+                request.finish_reason = "error"
+                request.events.put_nowait(exc)
+                continue
+            request.position = request.prompt.length
+            if request.seed is not None:
+                request.generator = torch.Generator().manual_seed(request.seed)
+            out.append((request, self._advance(request, logits)))
+        if old:
+            self.batch_rows.append(len(old))
+            logits, grown = self.backbone.decode(
+                [r.last_token for r in old], [r.kv for r in old], [r.position for r in old]
+            )
+            for row, request in enumerate(old):
+                request.kv = grown[row]
+                out.append((request, self._advance(request, logits[row])))
+        return out
+
+    def _advance(self, request: GenRequest, logits: torch.Tensor) -> Delta:
+        token = self._sample(request, logits)
+        request.last_token = token
+        request.position += 1
+        if token in self.backbone.eos_token_ids:
+            request.finish_reason = "stop"
+        else:
+            request.generated.append(token)
+            request.text = self.backbone.decode_text(request.generated)
+            for stop in request.stop:
+                cut = request.text.find(stop)
+                if cut != -1:
+                    request.text = request.text[:cut]
+                    request.finish_reason = "stop"
+            if request.finish_reason is None and (
+                len(request.generated) >= request.max_tokens
+                or request.position >= self.backbone.context_length
+            ):
+                request.finish_reason = "length"
+        if request.finish_reason is not None:
+            request.kv = None  # free the cache at once
+            end = len(request.text)
+        else:
+            # hold back a tail that could still become a stop string
+            hold = max((len(s) - 1 for s in request.stop), default=0)
+            end = max(request.emitted, len(request.text) - hold)
+        delta = Delta(request.text[request.emitted : end], len(request.generated), request.finish_reason)
+        request.emitted = end
+        return delta
+
+    @staticmethod
+    def _sample(request: GenRequest, logits: torch.Tensor) -> int:
+        if request.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float().cpu() / request.temperature, dim=-1)
+        if request.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < request.top_p
+            sorted_probs = sorted_probs * keep
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=request.generator))
+
