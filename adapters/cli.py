@@ -28,7 +28,11 @@ def cmd_import_maple(args: argparse.Namespace) -> int:
     from adapters.importers import convert_maple_checkpoint
 
     data = convert_maple_checkpoint(
-        args.checkpoint, _backbone_config(args.backbone), name=args.name, description=args.description
+        args.checkpoint,
+        _backbone_config(args.backbone),
+        name=args.name,
+        description=args.description,
+        ctx_init=args.ctx_init,
     )
     out = Path(args.output or f"{args.name}.safetensors")
     tmp = out.with_name(out.name + ".tmp")
@@ -62,6 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="adapter name: [a-z0-9][a-z0-9._-]{0,63}")
     p.add_argument("-o", "--output", help="output file (default: NAME.safetensors)")
     p.add_argument("--description", default="", help="free text stored in the manifest")
+    p.add_argument(
+        "--ctx-init",
+        default="a photo of a",
+        help="the run's CTX_INIT (not stored in checkpoints); sets the manifest's prompt template",
+    )
     p.set_defaults(func=_guarded(cmd_import_maple))
 
     p = subparsers.add_parser("inspect", help="print an adapter's manifest and tensor shapes")

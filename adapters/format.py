@@ -23,7 +23,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,9 +53,6 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
-# Per method: the tensor names a file must hold, exactly.
-METHOD_TENSORS: dict[str, tuple[str, ...]] = {"maple": ("text_prompts", "vision_prompts")}
-
 CLIP_FINGERPRINT_FIELDS: dict[str, type] = {
     "arch": str,
     "text_width": int,
@@ -67,6 +64,9 @@ CLIP_FINGERPRINT_FIELDS: dict[str, type] = {
     "patch_size": int,
     "vocab_size": int,
 }
+
+# Per backbone arch: the fingerprint fields and their types (an "llava" entry comes with m2pt).
+FINGERPRINT_FIELDS: dict[str, dict[str, type]] = {"clip": CLIP_FINGERPRINT_FIELDS}
 
 _MANIFEST_FIELDS = {
     "format_version", "name", "version", "method", "backbone", "hyperparameters",
@@ -112,9 +112,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(
-            {k: getattr(self, k) for k in sorted(_MANIFEST_FIELDS)}, sort_keys=True, allow_nan=False
-        )
+        return json.dumps({k: getattr(self, k) for k in sorted(_MANIFEST_FIELDS)}, sort_keys=True, allow_nan=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,16 +147,10 @@ def _hash_entry(h: Any, name: str, dtype: str, shape: list[int], raw: bytes | me
     h.update(raw)
 
 
-def _maple_tensors(folded: FoldedMaple) -> dict[str, torch.Tensor]:
-    return {
-        "text_prompts": folded.text.detach().cpu().to(torch.float32).contiguous(),
-        "vision_prompts": folded.vision.detach().cpu().to(torch.float32).contiguous(),
-    }
-
-
 def encode_adapter(adapter: Adapter) -> bytes:
     """Write an adapter; the checksum is recomputed, so manifest edits (e.g. version) are safe."""
-    tensors = _maple_tensors(adapter.folded)
+    spec = _method(adapter.manifest.method)
+    tensors = {k: v.detach().cpu().to(torch.float32).contiguous() for k, v in spec.to_tensors(adapter.folded).items()}
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise AdapterValueError(f"tensor '{name}' holds NaN or infinite values")
@@ -218,7 +210,8 @@ def load_adapter(data: bytes, *, max_bytes: int) -> Adapter:
     header, data_start = _read_header(data)
     metadata = header.pop("__metadata__", None)
     manifest = _parse_manifest(metadata)
-    expected = METHOD_TENSORS[manifest.method]
+    spec = METHODS[manifest.method]
+    expected = spec.tensors
     if sorted(header) != sorted(expected):
         raise AdapterFormatError(f"adapter tensors must be exactly {list(expected)}, got {sorted(header)}")
     entries = {name: _tensor_entry(name, header[name]) for name in expected}
@@ -241,8 +234,7 @@ def load_adapter(data: bytes, *, max_bytes: int) -> Adapter:
         if not torch.isfinite(t).all():
             raise AdapterValueError(f"tensor '{name}' of adapter '{manifest.name}' holds NaN or infinite values")
         tensors[name] = t.contiguous()
-    folded = FoldedMaple(tensors["text_prompts"], tensors["vision_prompts"])
-    return Adapter(manifest, folded, {n: e[0] for n, e in entries.items()})
+    return Adapter(manifest, spec.from_tensors(tensors), {n: e[0] for n, e in entries.items()})
 
 
 def tensor_from_bytes(raw: bytes | memoryview, dtype: torch.dtype) -> torch.Tensor:
@@ -326,8 +318,7 @@ def _is_int(x: object) -> bool:
 
 def _check_manifest_values(m: Manifest) -> None:
     check_name(m.name)
-    if not isinstance(m.method, str) or m.method not in METHOD_TENSORS:
-        raise AdapterFormatError(f"unknown adapter method {m.method!r}; known: {sorted(METHOD_TENSORS)}")
+    spec = _method(m.method)
     if m.version is not None and (not _is_int(m.version) or m.version < 1):
         raise AdapterValueError(f"manifest version must be null or an integer >= 1, got {m.version!r}")
     if not isinstance(m.description, str) or len(m.description) > MAX_DESCRIPTION_CHARS:
@@ -336,30 +327,41 @@ def _check_manifest_values(m: Manifest) -> None:
         raise AdapterValueError("manifest created_at must be a short ISO 8601 string")
     if not isinstance(m.tensors_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", m.tensors_sha256):
         raise AdapterFormatError("manifest tensors_sha256 must be 64 lowercase hex digits")
-    if not isinstance(m.backbone, dict) or set(m.backbone) != set(CLIP_FINGERPRINT_FIELDS):
-        raise AdapterFormatError(f"manifest backbone must be an object with keys {sorted(CLIP_FINGERPRINT_FIELDS)}")
-    for key, typ in CLIP_FINGERPRINT_FIELDS.items():
-        value = m.backbone.get(key)
-        if not isinstance(value, typ) or isinstance(value, bool) or (typ is int and value < 1):
-            raise AdapterFormatError(f"manifest backbone.{key} must be a {'positive integer' if typ is int else 'string'}, got {value!r}")
-    if m.backbone["arch"] != "clip":
+    if not isinstance(m.backbone, dict) or not isinstance(m.backbone.get("arch"), str):
+        raise AdapterFormatError("manifest backbone must be an object with a string 'arch'")
+    arch = m.backbone["arch"]
+    if arch != spec.arch:
         raise AdapterMismatch(
-            f"a maple adapter needs a CLIP backbone: arch expected 'clip', got {m.backbone['arch']!r}",
-            field="arch", expected="clip", got=m.backbone["arch"],
+            f"a {m.method} adapter needs a {spec.arch} backbone: arch expected {spec.arch!r}, got {arch!r}",
+            field="arch", expected=spec.arch, got=arch,
         )  # fmt: skip
-    hp = m.hyperparameters
-    if not isinstance(hp, dict) or not all(
-        isinstance(v, (str, int, float, bool)) or v is None for v in hp.values()
-    ):
-        raise AdapterFormatError("manifest hyperparameters must be an object of scalars")
-    for key in ("n_ctx", "depth"):
-        if not _is_int(hp.get(key)) or hp[key] < 1:
-            raise AdapterValueError(f"hyperparameters.{key} must be an integer >= 1, got {hp.get(key)!r}")
-    for tower in ("text", "vision"):
-        if hp["depth"] > m.backbone[f"{tower}_layers"]:
-            raise AdapterValueError(
-                f"prompt depth {hp['depth']} exceeds the {tower} tower's {m.backbone[f'{tower}_layers']} layers"
+    fields = FINGERPRINT_FIELDS[spec.arch]
+    if set(m.backbone) != set(fields):
+        raise AdapterFormatError(f"manifest backbone must have exactly the keys {sorted(fields)}")
+    for key, typ in fields.items():
+        value = m.backbone[key]
+        if not isinstance(value, typ) or isinstance(value, bool) or (typ is int and value < 1):
+            raise AdapterFormatError(
+                f"manifest backbone.{key} must be a {'positive integer' if typ is int else 'string'}, got {value!r}"
             )
+    hp = m.hyperparameters
+    if not isinstance(hp, dict) or not all(isinstance(v, (str, int, float, bool)) or v is None for v in hp.values()):
+        raise AdapterFormatError("manifest hyperparameters must be an object of scalars")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in hp.values()):
+        raise AdapterValueError("manifest hyperparameters must be finite numbers")
+    spec.check_hyperparameters(m)
+
+
+def _method(method: object) -> MethodSpec:
+    if not isinstance(method, str) or method not in METHODS:
+        raise AdapterFormatError(f"unknown adapter method {method!r}; known: {sorted(METHODS)}")
+    return METHODS[method]
+
+
+def _check_shapes(m: Manifest, shapes: Mapping[str, list[int]]) -> None:
+    for name, want in METHODS[m.method].expected_shapes(m).items():
+        if list(shapes[name]) != want:
+            raise AdapterValueError(f"tensor '{name}' has shape {list(shapes[name])}, the manifest implies {want}")
 
 
 def _tensor_entry(name: str, entry: object) -> tuple[str, list[int], tuple[int, int]]:
@@ -396,14 +398,48 @@ def _check_layout(entries: dict[str, tuple[str, list[int], tuple[int, int]]], da
         raise AdapterFormatError(f"{data_len - pos} unexpected bytes after the tensor data")
 
 
-def _check_shapes(m: Manifest, shapes: Mapping[str, list[int]]) -> None:
-    depth, n_ctx = m.hyperparameters["depth"], m.hyperparameters["n_ctx"]
-    for name, width in (("text_prompts", m.backbone["text_width"]), ("vision_prompts", m.backbone["vision_width"])):
-        if list(shapes[name]) != [depth, n_ctx, width]:
+# ---------------------------------------------------------------- methods
+
+
+def _check_maple_hyperparameters(m: Manifest) -> None:
+    hp = m.hyperparameters
+    for key in ("n_ctx", "depth"):
+        if not _is_int(hp.get(key)) or hp[key] < 1:
+            raise AdapterValueError(f"hyperparameters.{key} must be an integer >= 1, got {hp.get(key)!r}")
+    for tower in ("text", "vision"):
+        if hp["depth"] > m.backbone[f"{tower}_layers"]:
             raise AdapterValueError(
-                f"tensor '{name}' has shape {list(shapes[name])}, the manifest implies "
-                f"[depth={depth}, n_ctx={n_ctx}, width={width}]"
+                f"prompt depth {hp['depth']} exceeds the {tower} tower's {m.backbone[f'{tower}_layers']} layers"
             )
+
+
+def _maple_shapes(m: Manifest) -> dict[str, list[int]]:
+    depth, n_ctx, b = m.hyperparameters["depth"], m.hyperparameters["n_ctx"], m.backbone
+    return {"text_prompts": [depth, n_ctx, b["text_width"]], "vision_prompts": [depth, n_ctx, b["vision_width"]]}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the format knows about one method; another method (m2pt) is another entry."""
+
+    arch: str  # the backbone arch it runs on
+    tensors: tuple[str, ...]  # exactly the tensors a file holds
+    check_hyperparameters: Callable[[Manifest], None]
+    expected_shapes: Callable[[Manifest], dict[str, list[int]]]
+    to_tensors: Callable[[Any], dict[str, torch.Tensor]]
+    from_tensors: Callable[[dict[str, torch.Tensor]], Any]
+
+
+METHODS: dict[str, MethodSpec] = {
+    "maple": MethodSpec(
+        arch="clip",
+        tensors=("text_prompts", "vision_prompts"),
+        check_hyperparameters=_check_maple_hyperparameters,
+        expected_shapes=_maple_shapes,
+        to_tensors=lambda f: {"text_prompts": f.text, "vision_prompts": f.vision},
+        from_tensors=lambda t: FoldedMaple(t["text_prompts"], t["vision_prompts"]),
+    )
+}
 
 
 # ---------------------------------------------------------------- backbone check

@@ -31,7 +31,7 @@ from adapters.format import clip_fingerprint, dump_adapter, tensor_from_bytes
 from adapters.maple import MaplePromptLearner, fold, learner_state
 
 MAX_CHECKPOINT_BYTES = 4 << 30  # a ViT-L/14 fp16 CustomCLIP with optimizer state fits
-MAX_PICKLE_BYTES = 64 << 20  # data.pkl holds structure and names only, tensors live beside it
+MAX_PICKLE_BYTES = 16 << 20  # data.pkl holds structure and names only, tensors live beside it
 LEARNER_DIR = "MultiModalPromptLearner"  # Dassl's model name for MaPLe
 
 
@@ -57,7 +57,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if not target.is_file():
             raise AdapterFormatError(f"{str(marker)!r} names {name[0]!r}, which does not exist")
         return target
-    epochs = [(int(m.group(1)), p) for p in d.glob("model.pth.tar-*") if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", p.name))]
+    epochs = [
+        (int(m.group(1)), p) for p in d.glob("model.pth.tar-*") if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", p.name))
+    ]
     if epochs:
         return max(epochs)[1]
     if (d / "model-best.pth.tar").is_file():
@@ -133,7 +135,7 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) 
     dims = (offset, *size, *stride) if isinstance(size, tuple) and isinstance(stride, tuple) else None
     if dims is None or len(size) != len(stride) or not all(type(x) is int and x >= 0 for x in dims):
         raise AdapterFormatError("tensor record has a malformed size, stride or offset")
-    last = offset + sum((s - 1) * st for s, st in zip(size, stride)) if math.prod(size) else offset - 1
+    last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True)) if math.prod(size) else offset - 1
     if last >= storage.numel():
         raise AdapterFormatError("tensor record reaches past its storage")
     return torch.as_strided(storage, size, stride, offset)
@@ -188,15 +190,23 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
 def _check_opcodes(data: bytes) -> None:
     """Walk the pickle once without building anything: every length field must fit the data.
 
     The C unpickler allocates a buffer of a (possibly hostile) declared length before
-    reading it; a 4 GB string length in a 2 KB pickle would cost 4 GB and seconds.
+    reading it, and grows its memo to the largest PUT index: a few hostile bytes in a
+    2 KB pickle could cost gigabytes and seconds.
     """
     try:
-        for _ in pickletools.genops(data):
-            pass
+        for op, arg, pos in pickletools.genops(data):
+            # The C unpickler also grows its memo table to a PUT's index at once.
+            if op.name in _MEMO_OPS and arg > len(data):
+                raise ValueError(f"memo index {arg} at position {pos} is implausible")
+            if op.name == "FRAME" and arg > len(data) - pos:
+                raise ValueError(f"frame at position {pos} runs past the end")
     except Exception as e:  # ValueError for lengths past the end, unknown opcodes
         raise AdapterFormatError(f"checkpoint pickle is malformed: {e}") from None
 
@@ -284,13 +294,32 @@ def check_learner_fits(learner: MaplePromptLearner, config: CLIPConfig) -> None:
             )  # fmt: skip
 
 
+DEFAULT_CTX_INIT = "a photo of a"  # the reference configs' CTX_INIT
+
+
 def convert_maple_checkpoint(
-    path: str | Path, config: CLIPConfig, *, name: str, description: str = ""
+    path: str | Path,
+    config: CLIPConfig,
+    *,
+    name: str,
+    description: str = "",
+    ctx_init: str = DEFAULT_CTX_INIT,
 ) -> bytes:
-    """Reference checkpoint -> folded adapter file bytes for this backbone."""
+    """Reference checkpoint -> folded adapter file bytes for this backbone.
+
+    CTX_INIT is not stored in the checkpoint, but the reference prompt is
+    ``CTX_INIT + " " + class + "."`` with only its first n_ctx words replaced, so the
+    remaining words belong to the adapter: they go into the manifest as ``template``.
+    (A run without CTX_INIT used ``"X " * n_ctx``.)
+    """
     imported = import_maple_checkpoint(path)
     check_learner_fits(imported.learner, config)
-    hp: dict[str, Any] = {"source": "maple-reference"}
+    ctx_init = " ".join(ctx_init.replace("_", " ").split())
+    if len(ctx_init.split()) < imported.learner.config.n_ctx:
+        raise AdapterValueError(
+            f"ctx_init {ctx_init!r} has fewer words than the checkpoint's n_ctx {imported.learner.config.n_ctx}"
+        )
+    hp: dict[str, Any] = {"source": "maple-reference", "ctx_init": ctx_init, "template": f"{ctx_init} {{}}."}
     if imported.epoch is not None:
         hp["epoch"] = imported.epoch
     return dump_adapter(

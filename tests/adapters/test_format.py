@@ -177,7 +177,9 @@ def test_header_length_checked_before_parsing() -> None:
         load_adapter(big, max_bytes=MAX)
 
 
-@pytest.mark.parametrize("raw", [b"[1, 2]", b"not json", b'"str"', b"\xff\xfe", b'{"a": NaN}', b"[" * 5000, b'{"a":1,"a":2}'])
+@pytest.mark.parametrize(
+    "raw", [b"[1, 2]", b"not json", b'"str"', b"\xff\xfe", b'{"a": NaN}', b"[" * 5000, b'{"a":1,"a":2}']
+)
 def test_header_must_be_a_json_object(raw: bytes) -> None:
     with pytest.raises(AdapterFormatError, match="not a safetensors adapter"):
         load_adapter(struct.pack("<Q", len(raw)) + raw, max_bytes=MAX)
@@ -276,9 +278,7 @@ def test_rejects_shapes_inconsistent_with_manifest(text_shape: tuple, vision_sha
 
 
 def test_rejects_depth_beyond_backbone_layers() -> None:
-    data = honest_file(
-        torch.zeros(5, 2, 64), torch.zeros(5, 2, 96), hyperparameters={"n_ctx": 2, "depth": 5}
-    )
+    data = honest_file(torch.zeros(5, 2, 64), torch.zeros(5, 2, 96), hyperparameters={"n_ctx": 2, "depth": 5})
     with pytest.raises(AdapterValueError, match="exceeds"):
         load_adapter(data, max_bytes=MAX)
 

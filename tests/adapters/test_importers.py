@@ -95,7 +95,9 @@ def save_dassl(path: Path, state: dict, *, scheduler: object, epoch: int = 5) ->
 def hostile_checkpoint(tmp_path: Path) -> tuple[Path, list[Path]]:
     markers = [tmp_path / "shell-ran", tmp_path / "file-written"]
     scheduler = {"sched": WarmupScheduler(), "a": RunsShell(markers[0]), "b": WritesFile(markers[1])}
-    path = save_dassl(tmp_path / "out" / "MultiModalPromptLearner" / "model.pth.tar-5", reference_state(), scheduler=scheduler)
+    path = save_dassl(
+        tmp_path / "out" / "MultiModalPromptLearner" / "model.pth.tar-5", reference_state(), scheduler=scheduler
+    )
     return path, markers
 
 
@@ -138,18 +140,24 @@ def test_fp16_becomes_fp32_with_the_same_values(hostile_checkpoint: tuple[Path, 
     assert torch.equal(learner.proj.weight.detach(), ref["prompt_learner.proj.weight"].float())
     assert torch.equal(learner.compound_prompts_text[1].detach(), ref["prompt_learner.compound_prompts_text.1"])
     folded = fold(learner)
-    expected = ref["prompt_learner.compound_prompt_projections.0.weight"] @ ref["prompt_learner.compound_prompts_text.0"].T
+    expected = (
+        ref["prompt_learner.compound_prompt_projections.0.weight"] @ ref["prompt_learner.compound_prompts_text.0"].T
+    )
     torch.testing.assert_close(folded.vision[1], expected.T + ref["prompt_learner.compound_prompt_projections.0.bias"])
 
 
 def test_plain_checkpoint_uses_weights_only(tmp_path: Path) -> None:
     path = save_dassl(tmp_path / "model.pth.tar-1", reference_state(1), scheduler=None, epoch=1)
     torch.load(path, weights_only=True)  # loads fine, so the safe path is the one taken
-    assert torch.equal(import_maple_checkpoint(path).learner.ctx.detach(), reference_state(1)["prompt_learner.ctx"].float())
+    assert torch.equal(
+        import_maple_checkpoint(path).learner.ctx.detach(), reference_state(1)["prompt_learner.ctx"].float()
+    )
 
 
 def test_bare_prompt_learner_state(tmp_path: Path) -> None:
-    state = {k.removeprefix("prompt_learner."): v for k, v in reference_state().items() if k.startswith("prompt_learner.")}
+    state = {
+        k.removeprefix("prompt_learner."): v for k, v in reference_state().items() if k.startswith("prompt_learner.")
+    }
     torch.save(state, tmp_path / "learner.pt")
     assert import_maple_checkpoint(tmp_path / "learner.pt").learner.config == CONFIG
 
@@ -178,8 +186,19 @@ def test_convert_writes_a_valid_adapter(hostile_checkpoint: tuple[Path, list[Pat
     config = tiny_clip_config()
     adapter = load_adapter(convert_maple_checkpoint(path, config, name="imported"), max_bytes=1 << 20)
     assert adapter.manifest.backbone == clip_fingerprint(config)
-    assert adapter.manifest.hyperparameters == {"n_ctx": 2, "depth": 3, "epoch": 5, "source": "maple-reference"}
+    assert adapter.manifest.hyperparameters == {
+        "n_ctx": 2, "depth": 3, "epoch": 5, "source": "maple-reference",
+        "ctx_init": "a photo of a", "template": "a photo of a {}.",
+    }  # fmt: skip
     assert torch.equal(adapter.folded.text[0], reference_state()["prompt_learner.ctx"].float())
+
+
+def test_convert_records_ctx_init_as_template(hostile_checkpoint: tuple[Path, list[Path]]) -> None:
+    path, _ = hostile_checkpoint
+    data = convert_maple_checkpoint(path, tiny_clip_config(), name="x", ctx_init="X  X")
+    assert load_adapter(data, max_bytes=1 << 20).manifest.hyperparameters["template"] == "X X {}."
+    with pytest.raises(AdapterValueError, match="fewer words"):
+        convert_maple_checkpoint(path, tiny_clip_config(), name="x", ctx_init="photo")
 
 
 def test_convert_refuses_another_backbone(hostile_checkpoint: tuple[Path, list[Path]]) -> None:
@@ -213,7 +232,9 @@ def test_rejects_non_finite_prompts(tmp_path: Path) -> None:
         import_maple_checkpoint(tmp_path / "m.pth.tar")
 
 
-def test_mutated_checkpoints_fail_only_with_typed_errors(hostile_checkpoint: tuple[Path, list[Path]], tmp_path: Path) -> None:
+def test_mutated_checkpoints_fail_only_with_typed_errors(
+    hostile_checkpoint: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
     path, markers = hostile_checkpoint
     with zipfile.ZipFile(path) as z:
         records = {i.filename: z.read(i.filename) for i in z.infolist()}

@@ -107,7 +107,9 @@ def test_fold_equals_prompts() -> None:
     folded = fold(learner)
     assert torch.equal(folded.text, text.detach()) and torch.equal(folded.vision, vision.detach())
     assert torch.equal(folded.text[0], learner.ctx.detach())
-    assert torch.equal(folded.vision[2], learner.compound_prompt_projections[1](learner.compound_prompts_text[1]).detach())
+    assert torch.equal(
+        folded.vision[2], learner.compound_prompt_projections[1](learner.compound_prompts_text[1]).detach()
+    )
     for t in (folded.text, folded.vision):
         assert not t.requires_grad and t.is_contiguous() and t.dtype == torch.float32
     assert (folded.depth, folded.n_ctx, folded.text_width, folded.vision_width) == (3, 2, 64, 96)

@@ -27,7 +27,9 @@ def reference_learner_outputs(learner: MaplePromptLearner | None):
     """As MultiModalPromptLearner.forward: ctx, proj(ctx), deep text prompts, their projections."""
     if learner is None:
         return None
-    visual_deep = [layer(p) for layer, p in zip(learner.compound_prompt_projections, learner.compound_prompts_text)]
+    visual_deep = [
+        layer(p) for layer, p in zip(learner.compound_prompt_projections, learner.compound_prompts_text, strict=True)
+    ]
     return learner.ctx, learner.proj(learner.ctx), list(learner.compound_prompts_text), visual_deep
 
 

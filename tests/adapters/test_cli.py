@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.cli import main
+from adapters.format import clip_fingerprint, dump_adapter, read_adapter_file
+from adapters.maple import MapleConfig, MaplePromptLearner, fold
+from tests.adapters.conftest import tiny_clip_config
+from tests.adapters.test_importers import WarmupScheduler, reference_state, save_dassl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def dassl_dir(tmp_path: Path) -> Path:
+    out = tmp_path / "output"
+    save_dassl(out / "MultiModalPromptLearner" / "model.pth.tar-5", reference_state(), scheduler=WarmupScheduler())
+    return out
+
+
+@pytest.fixture
+def adapter_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "digits.safetensors"
+    folded = fold(MaplePromptLearner(MapleConfig(2, 3, 64, 96)))
+    path.write_bytes(
+        dump_adapter(folded, name="digits", backbone=clip_fingerprint(tiny_clip_config()), description="hi")
+    )
+    return path
+
+
+def test_import_maple(dassl_dir: Path, clip_config_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "imported.safetensors"
+    argv = ["import-maple", str(dassl_dir), "--backbone", str(clip_config_dir), "--name", "flowers", "-o", str(out)]
+    assert main([*argv, "--description", "from the reference", "--ctx-init", "a_picture of"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    adapter = read_adapter_file(out, max_bytes=1 << 20)
+    assert adapter.name == "flowers" and adapter.manifest.description == "from the reference"
+    assert (adapter.folded.depth, adapter.folded.n_ctx) == (3, 2)
+    assert adapter.manifest.hyperparameters["template"] == "a picture of {}."
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_import_maple_default_output(
+    dassl_dir: Path, clip_config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["import-maple", str(dassl_dir), "--backbone", str(clip_config_dir), "--name", "flowers"]) == 0
+    assert (tmp_path / "flowers.safetensors").is_file()
+
+
+def test_import_maple_errors(
+    dassl_dir: Path, clip_config_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["import-maple", str(dassl_dir), "--backbone", str(clip_config_dir), "-o", str(tmp_path / "x")]
+    assert main([*argv, "--name", "Bad Name"]) == 1
+    assert "adapter name" in capsys.readouterr().err
+    assert main(["import-maple", str(tmp_path / "nothing"), "--backbone", str(clip_config_dir), "--name", "x"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["import-maple", str(dassl_dir), "--backbone", str(tmp_path / "no-model"), "--name", "x"]) == 1
+    assert "error" in capsys.readouterr().err
+
+
+def test_inspect(adapter_file: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", str(adapter_file)]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads(out.split("\ntext_prompts:")[0])
+    assert manifest["name"] == "digits" and manifest["hyperparameters"] == {"n_ctx": 2, "depth": 3}
+    assert "text_prompts: shape [3, 2, 64]" in out and "vision_prompts: shape [3, 2, 96]" in out
+    assert f"folded bytes (fp32): {4 * 3 * 2 * (64 + 96)}" in out
+
+
+def test_inspect_rejects_garbage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "x.safetensors").write_bytes(b"\x80\x04garbage")
+    assert main(["inspect", str(tmp_path / "x.safetensors")]) == 1
+    assert "not a safetensors adapter" in capsys.readouterr().err
+
+
+def test_validate(adapter_file: Path, clip_config_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["validate", str(adapter_file), "--backbone", str(clip_config_dir)]) == 0
+    assert capsys.readouterr().out.strip() == "ok"
+    other = tmp_path / "other-clip"
+    tiny_clip_config(vision_layers=6).save_pretrained(other)
+    assert main(["validate", str(adapter_file), "--backbone", str(other)]) == 1
+    assert "vision_layers expected 6, got 4" in capsys.readouterr().err
+
+
+def test_runs_as_a_module(adapter_file: Path, clip_config_dir: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "adapters.cli", "validate", str(adapter_file), "--backbone", str(clip_config_dir)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
