@@ -4,7 +4,10 @@ Layout (safetensors): 8-byte little-endian header length N, N bytes of JSON head
 then the raw tensor bytes. The header's ``__metadata__["promptswap"]`` holds the
 manifest (JSON). For ``method == "maple"`` the tensors are exactly
 ``text_prompts`` (depth, n_ctx, Dt) and ``vision_prompts`` (depth, n_ctx, Dv),
-stored F32 (F16/BF16 accepted on read, widened to fp32).
+stored F32 (F16/BF16 accepted on read, widened to fp32). For ``method == "m2pt"``
+(a ``llava`` backbone) they are exactly ``vision_prompts`` (vision_depth, n_vision, Dv),
+``text_prompts`` (text_depth, n_text, Dt), ``projector_weight`` (Dt, projector_in) and
+``projector_bias`` (Dt,), see ``adapters.m2pt``.
 
 Files come from users, so the reader trusts nothing: every length is checked against
 the real size and a bound before anything is parsed, and every failure is one of the
@@ -42,6 +45,7 @@ from adapters.errors import (
     AdapterTooLarge,
     AdapterValueError,
 )
+from adapters.m2pt import LLAVA_FINGERPRINT_FIELDS, FoldedM2pt
 from adapters.maple import FoldedMaple
 
 FORMAT_VERSION = 1
@@ -65,8 +69,8 @@ CLIP_FINGERPRINT_FIELDS: dict[str, type] = {
     "vocab_size": int,
 }
 
-# Per backbone arch: the fingerprint fields and their types (an "llava" entry comes with m2pt).
-FINGERPRINT_FIELDS: dict[str, dict[str, type]] = {"clip": CLIP_FINGERPRINT_FIELDS}
+# Per backbone arch: the fingerprint fields and their types.
+FINGERPRINT_FIELDS: dict[str, dict[str, type]] = {"clip": CLIP_FINGERPRINT_FIELDS, "llava": LLAVA_FINGERPRINT_FIELDS}
 
 _MANIFEST_FIELDS = {
     "format_version", "name", "version", "method", "backbone", "hyperparameters",
@@ -118,7 +122,7 @@ class Manifest:
 @dataclass(frozen=True, eq=False)
 class Adapter:
     manifest: Manifest
-    folded: FoldedMaple
+    folded: FoldedMaple | FoldedM2pt
     tensor_dtypes: dict[str, str] = field(default_factory=dict)  # as stored in the file
 
     @property
@@ -176,6 +180,34 @@ def dump_adapter(
     manifest = Manifest(
         name=check_name(name),
         method="maple",
+        backbone=dict(backbone),
+        hyperparameters=hp,
+        tensors_sha256="",
+        created_at=created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        version=version,
+        description=description,
+    )
+    return encode_adapter(Adapter(manifest, folded))
+
+
+def dump_m2pt_adapter(
+    folded: FoldedM2pt,
+    *,
+    name: str,
+    backbone: Mapping[str, Any],
+    version: int | None = None,
+    description: str = "",
+    hyperparameters: Mapping[str, Any] | None = None,
+    created_at: str | None = None,
+) -> bytes:
+    """Serialize a folded M2PT adapter with its manifest; prompt counts and depths are filled in."""
+    hp = dict(hyperparameters or {})
+    hp.update(
+        n_vision=folded.n_vision, vision_depth=folded.vision_depth, n_text=folded.n_text, text_depth=folded.text_depth
+    )
+    manifest = Manifest(
+        name=check_name(name),
+        method="m2pt",
         backbone=dict(backbone),
         hyperparameters=hp,
         tensors_sha256="",
@@ -418,6 +450,29 @@ def _maple_shapes(m: Manifest) -> dict[str, list[int]]:
     return {"text_prompts": [depth, n_ctx, b["text_width"]], "vision_prompts": [depth, n_ctx, b["vision_width"]]}
 
 
+M2PT_TENSORS = ("vision_prompts", "text_prompts", "projector_weight", "projector_bias")  # FoldedM2pt's order
+_M2PT_DEPTHS = (("n_vision", None), ("vision_depth", "vision_layers"), ("n_text", None), ("text_depth", "text_layers"))
+
+
+def _check_m2pt_hyperparameters(m: Manifest) -> None:
+    hp = m.hyperparameters
+    for key, layers in _M2PT_DEPTHS:
+        if not _is_int(hp.get(key)) or hp[key] < 1:
+            raise AdapterValueError(f"hyperparameters.{key} must be an integer >= 1, got {hp.get(key)!r}")
+        if layers is not None and hp[key] > m.backbone[layers]:
+            raise AdapterValueError(f"{key} {hp[key]} exceeds the backbone's {m.backbone[layers]} {layers}")
+
+
+def _m2pt_shapes(m: Manifest) -> dict[str, list[int]]:
+    hp, b = m.hyperparameters, m.backbone
+    return {
+        "vision_prompts": [hp["vision_depth"], hp["n_vision"], b["vision_width"]],
+        "text_prompts": [hp["text_depth"], hp["n_text"], b["text_width"]],
+        "projector_weight": [b["projector_out"], b["projector_in"]],
+        "projector_bias": [b["projector_out"]],
+    }
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """What the format knows about one method; another method (m2pt) is another entry."""
@@ -438,7 +493,15 @@ METHODS: dict[str, MethodSpec] = {
         expected_shapes=_maple_shapes,
         to_tensors=lambda f: {"text_prompts": f.text, "vision_prompts": f.vision},
         from_tensors=lambda t: FoldedMaple(t["text_prompts"], t["vision_prompts"]),
-    )
+    ),
+    "m2pt": MethodSpec(
+        arch="llava",
+        tensors=M2PT_TENSORS,
+        check_hyperparameters=_check_m2pt_hyperparameters,
+        expected_shapes=_m2pt_shapes,
+        to_tensors=lambda f: dict(zip(M2PT_TENSORS, (f.vision, f.text, f.projector_weight, f.projector_bias))),
+        from_tensors=lambda t: FoldedM2pt(*(t[name] for name in M2PT_TENSORS)),
+    ),
 }
 
 
@@ -456,6 +519,9 @@ def validate_for_backbone(adapter: Adapter, fingerprint: Mapping[str, Any]) -> N
                 field=key, expected=expected, got=got,
             )  # fmt: skip
     f = adapter.folded
+    if isinstance(f, FoldedM2pt):
+        _check_m2pt_folded(adapter.name, f, fingerprint)
+        return
     checks = (
         ("text_width", fingerprint.get("text_width"), f.text_width),
         ("vision_width", fingerprint.get("vision_width"), f.vision_width),
@@ -472,4 +538,25 @@ def validate_for_backbone(adapter: Adapter, fingerprint: Mapping[str, Any]) -> N
             raise AdapterMismatch(
                 f"adapter '{adapter.name}' prompt depth {f.depth} exceeds the backbone's {key} {layers}",
                 field=key, expected=layers, got=f.depth,
+            )  # fmt: skip
+
+
+def _check_m2pt_folded(name: str, f: FoldedM2pt, fingerprint: Mapping[str, Any]) -> None:
+    checks = (
+        ("vision_width", fingerprint.get("vision_width"), f.vision_width),
+        ("text_width", fingerprint.get("text_width"), f.text_width),
+        ("projector_in", fingerprint.get("projector_in"), f.projector_in),
+    )
+    for key, expected, got in checks:
+        if expected != got:
+            raise AdapterMismatch(
+                f"adapter '{name}' tensors have {key} {got}, the backbone has {expected}",
+                field=key, expected=expected, got=got,
+            )  # fmt: skip
+    for key, depth in (("vision_layers", f.vision_depth), ("text_layers", f.text_depth)):
+        layers = fingerprint.get(key)
+        if not isinstance(layers, int) or depth > layers:
+            raise AdapterMismatch(
+                f"adapter '{name}' prompt depth {depth} exceeds the backbone's {key} {layers}",
+                field=key, expected=layers, got=depth,
             )  # fmt: skip

@@ -172,13 +172,14 @@ class GenerationEngine:
         out: list[tuple[GenRequest, Delta]] = []
         for request in new:
             try:
-                logits, request.kv = self.backbone.prefill(request.prompt)
+                logits, request.kv, request.position = self.backbone.prefill(
+                    request.prompt, request.adapter
+                )
             except Exception as exc:  # this request's prompt failed: only it fails
                 log.exception("prefill failed")
                 request.finish_reason = "error"
                 request.events.put_nowait(exc)
                 continue
-            request.position = request.prompt.length
             if request.seed is not None:
                 request.generator = torch.Generator().manual_seed(request.seed)
             out.append((request, self._advance(request, logits)))

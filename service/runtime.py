@@ -11,7 +11,11 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from adapters.format import clip_fingerprint
+from adapters.m2pt import llava_fingerprint
+from adapters.prompted_llava import prefix_kv
 
 from .backbones.clip import ClipBackbone
 from .backbones.llava import LlavaBackbone
@@ -31,10 +35,22 @@ log = logging.getLogger("promptswap")
 def maple_placement(clip: ClipBackbone) -> Placement:
     def place(folded):
         on_device = folded.to(clip.device, clip.dtype)
-        nbytes = sum(t.numel() * t.element_size() for t in (on_device.text, on_device.vision))
-        return on_device, nbytes, {}
+        return on_device, on_device.nbytes, {}
 
     return Placement(clip_fingerprint(clip.model.config), place)
+
+
+def m2pt_placement(llava: LlavaBackbone) -> Placement:
+    """M2PT adapters: tensors on the device plus their KV prefix, computed once per load."""
+
+    def place(folded):
+        on_device = folded.to(llava.device, llava.dtype)
+        with torch.inference_mode():
+            prefix = prefix_kv(llava.model, on_device)
+        nbytes = on_device.nbytes + sum(t.nbytes for kv in prefix for t in kv)
+        return on_device, nbytes, {"prefix": prefix}
+
+    return Placement(llava_fingerprint(llava.model.config), place)
 
 
 class Runtime:
@@ -115,6 +131,7 @@ class Runtime:
             )
             self.metrics.queue_depth.labels("chat").set_function(lambda: self.chat_engine.depth)
             self.chat_engine.start()
+            placements["m2pt"] = m2pt_placement(self.llava)
         self.registry = AdapterRegistry(
             AdapterStore(s.adapter_dir),
             placements=placements,

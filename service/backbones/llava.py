@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaForConditionalGeneration
 
+from adapters.prompted_llava import merge_image_tokens
+
 from .clip import BackboneLoadError, resolve_device, resolve_dtype
 
 log = logging.getLogger("promptswap.llava")
@@ -96,19 +98,38 @@ class LlavaBackbone:
     # ------------------------------------------------------------------ model thread
 
     @torch.inference_mode()
-    def prefill(self, prompt: PreparedPrompt) -> tuple[torch.Tensor, KV]:
-        """Logits of the next token (V,) and the prompt's cache, as ``generate`` computes them."""
+    def prefill(self, prompt: PreparedPrompt, adapter: object = None) -> tuple[torch.Tensor, KV, int]:
+        """Logits of the next token (V,), the cache, and the next position.
+
+        Without an adapter this is exactly ``generate``'s prefill. With an M2PT adapter
+        (``adapter.folded``, ``adapter.extras["prefix"]``) the image goes through its
+        visual prompts and interaction layer, and the text starts after its KV prefix.
+        """
         ids = prompt.input_ids.to(self.device)
-        out = self.model(
-            input_ids=ids,
-            pixel_values=prompt.pixel_values.to(self.device, self.dtype),
-            attention_mask=torch.ones_like(ids),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = out.past_key_values
+        pixels = prompt.pixel_values.to(self.device, self.dtype)
+        if adapter is None:
+            out = self.model(
+                input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                use_cache=True, logits_to_keep=1,
+            )
+            cache, start = out.past_key_values, 0
+            hidden_logits = out.logits[0, -1]
+        else:
+            prefix: KV = adapter.extras["prefix"]  # type: ignore[attr-defined]
+            start = prefix[0][0].shape[2]  # n_text: the input's positions begin after it
+            embeds = merge_image_tokens(self.model, ids, pixels, [adapter.folded])  # type: ignore[attr-defined]
+            cache = DynamicCache(ddp_cache_data=prefix)  # copied on update: the prefix stays intact
+            length = ids.shape[1]
+            out = self.model.model.language_model(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(1, start + length, dtype=torch.long, device=self.device),
+                position_ids=torch.arange(start, start + length, device=self.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            hidden_logits = self.model.lm_head(out.last_hidden_state[0, -1])
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return out.logits[0, -1].float(), kv
+        return hidden_logits.float(), kv, start + prompt.length
 
     @torch.inference_mode()
     def decode(
