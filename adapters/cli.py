@@ -1,4 +1,4 @@
-"""Adapter commands: ``import-maple``, ``inspect``, ``validate``.
+"""Adapter commands: ``import-maple``, ``inspect``, ``validate``, ``train maple``, ``upload``.
 
 ``register(subparsers)`` adds them to any argparse subparsers object (the service
 wires them as ``promptswap adapters <cmd>``); each sets ``func(args) -> exit code``.
@@ -83,6 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", required=True, help="CLIP hub id or local directory")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
     p.set_defaults(func=_guarded(cmd_validate))
+
+    from adapters.cli_train import register_training  # train maple, upload
+
+    register_training(subparsers, _guarded)
 
 
 def _guarded(cmd):  # (Namespace -> int) -> (Namespace -> int)

@@ -21,9 +21,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +127,9 @@ def freeze(model: CLIPModel) -> None:
     model.eval()  # no dropout: the forward is deterministic, as serving is
 
 
-def tokenize_prompts(tokenizer: Any, template: str, classes: list[str], n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_prompts(
+    tokenizer: Any, template: str, classes: list[str], n_ctx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and mask of every class prompt, padded together as the service pads them."""
     if template.count("{}") != 1:
         raise AdapterValueError(f"the template must contain '{{}}' once, got {template!r}")
@@ -201,7 +204,7 @@ class _DeferredSigint:
         self.pending = False
         self._old: Any = None
 
-    def __enter__(self) -> _DeferredSigint:
+    def __enter__(self) -> _DeferredSigint:  # noqa: PYI034
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
@@ -230,12 +233,12 @@ class Trainer:
         model: CLIPModel,
         processor: Any,
         *,
-        log: TextIO = sys.stderr,
+        log: TextIO | None = None,  # default: sys.stderr at call time
         on_step: Callable[[int], None] | None = None,  # called after each step (tests interrupt here)
     ) -> None:
         self.cfg = config
         self.model = model
-        self.log = log
+        self.log = log or sys.stderr
         self.on_step = on_step
         self.device = next(model.parameters()).device
         self.amp = resolve_amp(config.amp, self.device)
@@ -246,7 +249,9 @@ class Trainer:
         )
         if not self.split.held_out:
             raise AdapterValueError("no held-out images: lower --shots or raise --eval-fraction")
-        self.pixels = PixelCache(lambda image: processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0])
+        self.pixels = PixelCache(
+            lambda image: processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        )
         ids, mask = tokenize_prompts(processor.tokenizer, config.template, self.split.classes, config.n_ctx)
         self.ids, self.mask = ids.to(self.device), mask.to(self.device)
 
@@ -386,7 +391,9 @@ class Trainer:
     def load(self, path: Path) -> None:
         tensors, meta = load_checkpoint(path)
         if meta.get("format") != CHECKPOINT_FORMAT:
-            raise AdapterValueError(f"checkpoint {path} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+            raise AdapterValueError(
+                f"checkpoint {path} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}"
+            )
         facts = json.loads(json.dumps(self.run_facts()))  # as JSON would give them back
         changed = sorted(k for k in facts if meta["facts"].get(k) != facts[k])
         if changed:
@@ -430,10 +437,9 @@ class Trainer:
         )  # fmt: skip
 
 
-def train_maple(config: TrainConfig, *, log: TextIO = sys.stderr) -> TrainResult:
+def train_maple(config: TrainConfig, *, log: TextIO | None = None) -> TrainResult:
     """Load the backbone, train, and write the adapter file (atomically) to ``config.output``."""
     model, processor = load_backbone(config.backbone, resolve_device(config.device))
     result = Trainer(config, model, processor, log=log).run()
     write_atomic(Path(config.output), result.adapter)
     return result
-

@@ -86,7 +86,11 @@ def serve(overrides: dict[str, Any]) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=on_fatal)
+    try:
+        app = create_app(settings, on_fatal=on_fatal)
+    except ValueError as exc:  # e.g. an unreadable or empty --api-keys-file
+        print(f"promptswap: {exc}", file=sys.stderr)
+        return 2
     # One process per device: several workers would each hold a copy of the backbone.
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop("command")
     if command == "serve":
         return serve(args)
-    handler = args.pop("handler", None)
+    handler = args.pop("func", None)  # set by each `adapters` subcommand
     if handler is None:
         print(f"promptswap: unknown command {command}", file=sys.stderr)
         return 2

@@ -106,3 +106,15 @@ def test_not_a_clip_checkpoint_fails_at_start_up(tmp_path: Path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "not a CLIP checkpoint" in output
+
+
+def test_adapters_subcommands_run_through_promptswap(tmp_path: Path, tiny_clip_dir: Path, capsys):
+    from service.cli import main
+    from tests.adapter_files import adapter_bytes
+
+    path = tmp_path / "pets.safetensors"
+    path.write_bytes(adapter_bytes(tiny_clip_dir, "pets"))
+    assert main(["adapters", "inspect", str(path)]) == 0
+    assert "pets" in capsys.readouterr().out
+    assert main(["adapters", "validate", str(path), "--backbone", str(tiny_clip_dir)]) == 0
+    assert "ok" in capsys.readouterr().out
