@@ -18,6 +18,8 @@ from .settings import Settings
 
 def _option_type(annotation: Any) -> Any:
     text = str(annotation)
+    if "Literal" in text:  # choices are strings, even "float32"
+        return str
     if "int" in text and "str" not in text:
         return int
     if "float" in text:

@@ -140,8 +140,12 @@ class AdapterRegistry:
                 f"adapter {adapter.key!r} is a {adapter.manifest.method} adapter; "
                 f"this endpoint takes {method} adapters"
             )
+        # Another load may have evicted it before this waiter resumed: (re)insert it as
+        # most recently used; pinned, it stays until released.
+        self._loaded[adapter.key] = adapter
         self._loaded.move_to_end(adapter.key)
         adapter.pins += 1
+        self._evict_over_budget()
         self._metrics.adapter_requests.labels(adapter.name).inc()
         return adapter
 

@@ -261,3 +261,16 @@ async def test_corrupted_stored_file_is_refused_and_the_rest_keeps_serving(admin
         assert "sha256" in r.json()["error"]["message"]
         assert (await classify(client, 0, ["cat"], "good")).status_code == 200
         assert (await classify(client, 0, ["cat"])).status_code == 200
+
+
+async def test_concurrent_cold_loads_past_a_one_adapter_budget_all_succeed(admin_settings, tiny_clip_dir):
+    one_adapter = 3 * 2 * (64 + 96) * 4
+    async with running_app(admin_settings(adapter_cache_bytes=one_adapter)) as (client, app):
+        names = [f"churn{i}" for i in range(4)]
+        for name in names:
+            assert (await upload(client, adapter_bytes(tiny_clip_dir, name))).status_code == 201
+        responses = await asyncio.gather(*(classify(client, i, ["a", "b"], names[i % 4]) for i in range(24)))
+        assert [r.status_code for r in responses] == [200] * 24
+        assert [r.json()["adapter"] for r in responses] == [f"{names[i % 4]}@1" for i in range(24)]
+        registry = app.state.runtime.registry
+        assert registry.device_bytes <= one_adapter  # nothing pinned once answered

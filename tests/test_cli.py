@@ -118,3 +118,13 @@ def test_adapters_subcommands_run_through_promptswap(tmp_path: Path, tiny_clip_d
     assert "pets" in capsys.readouterr().out
     assert main(["adapters", "validate", str(path), "--backbone", str(tiny_clip_dir)]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+def test_every_literal_option_parses_its_choices(monkeypatch):
+    from service import cli
+
+    captured = {}
+    monkeypatch.setattr(cli, "serve", lambda overrides: captured.update(overrides) or 0)
+    for dtype in ("auto", "float32", "bfloat16", "float16"):
+        assert cli.main(["serve", "--dtype", dtype]) == 0
+        assert Settings(**captured).dtype == dtype
