@@ -53,7 +53,8 @@ class ClassifyResult:
 
 
 def _prompt_shape(adapter: PromptAdapter | None) -> tuple[int, ...] | None:
-    return None if adapter is None else tuple(adapter.folded.vision.shape)
+    """Rows whose prompts have one shape (depth, n_ctx) share a forward."""
+    return None if adapter is None else tuple(adapter.folded.vision.shape[:2])
 
 
 class ClassifyHandler:
@@ -94,20 +95,21 @@ class ClassifyHandler:
             return failed
         limit = self.backbone.max_text_tokens
         lengths = self.backbone.token_lengths([k.template.replace("{}", k.label) for k in missing])
-        by_adapter: dict[str, list[TextKey]] = defaultdict(list)
+        # One text forward per prompt shape: prompts of different adapters stack row-wise.
+        by_shape: dict[tuple[int, ...] | None, list[TextKey]] = defaultdict(list)
         for key, n_tokens in zip(missing, lengths):
-            problem = self._prompt_problem(key, n_tokens, limit, adapter_of[key.adapter])
+            adapter = adapter_of[key.adapter]
+            problem = self._prompt_problem(key, n_tokens, limit, adapter)
             if problem is not None:
                 failed[key] = Unprocessable(problem)
             else:
-                by_adapter[key.adapter].append(key)
-        for akey, keys in by_adapter.items():
-            adapter = adapter_of[akey]
+                by_shape[_prompt_shape(adapter)].append(key)
+        for shape, keys in by_shape.items():
             for start in range(0, len(keys), TEXT_CHUNK):
                 chunk = keys[start : start + TEXT_CHUNK]
                 prompts = None
-                if adapter is not None:
-                    prompts = adapter.folded.text.unsqueeze(0).expand(len(chunk), -1, -1, -1)
+                if shape is not None:
+                    prompts = torch.stack([adapter_of[k.adapter].folded.text for k in chunk])
                 feats = self.backbone.text_features(
                     [k.template.replace("{}", k.label) for k in chunk], prompts
                 )
