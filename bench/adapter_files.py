@@ -1,0 +1,46 @@
+"""MaPLe adapter files in the real shapes (n_ctx 2, depth 9), uploaded via the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import torch
+from transformers import CLIPConfig
+
+from adapters.format import clip_fingerprint, dump_adapter
+from adapters.maple import FoldedMaple
+
+N_CTX, DEPTH = 2, 9  # MaPLe's published defaults
+
+
+def adapter_bytes(model_dir: Path, name: str, seed: int) -> bytes:
+    config = CLIPConfig.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(seed)
+    # Scaled like token embeddings, so prompted forwards see realistic magnitudes.
+    text = 0.02 * torch.randn(DEPTH, N_CTX, config.text_config.hidden_size, generator=g)
+    vision = 0.02 * torch.randn(DEPTH, N_CTX, config.vision_config.hidden_size, generator=g)
+    return dump_adapter(FoldedMaple(text, vision), name=name, backbone=clip_fingerprint(config),
+                        hyperparameters={"template": "a photo of a {}."})
+
+
+async def upload(client: httpx.AsyncClient, base_url: str, token: str, name: str, data: bytes) -> dict:
+    resp = await client.post(
+        f"{base_url}/v1/admin/adapters",
+        headers={"authorization": f"Bearer {token}"},
+        files={"file": (f"{name}.safetensors", data, "application/octet-stream")},
+        data={"name": name},
+    )
+    resp.raise_for_status()
+    return resp.json()
+
+
+async def upload_many(base_url: str, token: str, files: dict[str, bytes], concurrency: int = 4) -> None:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+        async def one(name: str, data: bytes) -> None:
+            async with sem:
+                await upload(client, base_url, token, name, data)
+
+        await asyncio.gather(*(one(n, d) for n, d in files.items()))

@@ -1,0 +1,55 @@
+"""The raw model ceiling: image-encoder forwards in-process, no HTTP, inputs preprocessed.
+
+``python -m bench.ceiling --model DIR --dtype float32 --batch 32 --seconds 10`` prints
+one JSON line: images per second of ``CLIPModel.get_image_features`` at that batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, CLIPModel
+
+from .payloads import photos
+
+
+def pixel_batch(model_dir: str, batch: int) -> torch.Tensor:
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for _, data in photos()]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    return pixels[torch.arange(batch) % len(images)]  # (B, 3, 224, 224)
+
+
+@torch.inference_mode()
+def measure(model_dir: str, dtype: str, batch: int, seconds: float, min_batches: int = 1) -> dict:
+    model = CLIPModel.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    pixels = pixel_batch(model_dir, batch).to(model.dtype)
+    model.get_image_features(pixel_values=pixels[:2])  # warm-up (kernels, allocator)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_batches or time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        model.get_image_features(pixel_values=pixels)
+        times.append(time.perf_counter() - t0)
+    total = sum(times)
+    return {"images_per_s": batch * len(times) / total, "batch": batch, "batches": len(times),
+            "batch_s_median": sorted(times)[len(times) // 2], "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=10)
+    a = p.parse_args()
+    print(json.dumps(measure(a.model, a.dtype, a.batch, a.seconds)))
+
+
+if __name__ == "__main__":
+    main()
