@@ -7,34 +7,15 @@ which with no prompts computes exactly what transformers' CLIPModel computes.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, CLIPModel
+from transformers import CLIPModel
 
 from adapters.prompted_clip import encode_image, encode_text
 
-log = logging.getLogger("promptswap.clip")
-
-
-class BackboneLoadError(RuntimeError):
-    """The checkpoint cannot be served as this backbone; the message says why."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackboneLoadError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+from .loading import BackboneLoadError, load_frozen
 
 
 @dataclass
@@ -47,26 +28,9 @@ class ClipBackbone:
 
     @classmethod
     def load(cls, source: str, device: str = "auto", dtype: str = "auto") -> ClipBackbone:
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            raise BackboneLoadError(f"cannot read a model config from {source!r}: {exc}") from exc
-        if config.model_type != "clip":
-            raise BackboneLoadError(
-                f"{source!r} holds a {config.model_type!r} model, not a CLIP checkpoint"
-            )
-        try:
-            model = CLIPModel.from_pretrained(source, dtype=torch_dtype)
-            processor = AutoProcessor.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            raise BackboneLoadError(f"cannot load CLIP from {source!r}: {exc}") from exc
+        model, processor, dev, torch_dtype = load_frozen(source, "clip", CLIPModel, device, dtype)
         if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
             raise BackboneLoadError(f"{source!r} has no CLIP processor (tokenizer + image processor)")
-        model.requires_grad_(False)
-        model.eval().to(dev)
-        log.info("loaded CLIP %s on %s as %s", source, dev, torch_dtype)
         return cls(source, model, processor, dev, torch_dtype)
 
     @property

@@ -9,19 +9,17 @@ adapter, prefill and decode are exactly what ``model.generate`` does.
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from adapters.prompted_llava import merge_image_tokens
 
-from .clip import BackboneLoadError, resolve_device, resolve_dtype
+from .loading import BackboneLoadError, load_frozen
 
-log = logging.getLogger("promptswap.llava")
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, length, head_dim) each
 
@@ -55,24 +53,11 @@ class LlavaBackbone:
 
     @classmethod
     def load(cls, source: str, device: str = "auto", dtype: str = "auto") -> LlavaBackbone:
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            raise BackboneLoadError(f"cannot read a model config from {source!r}: {exc}") from exc
-        if config.model_type != "llava":
-            raise BackboneLoadError(f"{source!r} holds a {config.model_type!r} model, not a LLaVA checkpoint")
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
-            processor = AutoProcessor.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            raise BackboneLoadError(f"cannot load LLaVA from {source!r}: {exc}") from exc
+        model, processor, dev, torch_dtype = load_frozen(
+            source, "llava", LlavaForConditionalGeneration, device, dtype
+        )
         if getattr(processor, "chat_template", None) is None:
             raise BackboneLoadError(f"{source!r} has no chat template in its processor")
-        model.requires_grad_(False)
-        model.eval().to(dev)
-        log.info("loaded LLaVA %s on %s as %s", source, dev, torch_dtype)
         return cls(source, model, processor, dev, torch_dtype)
 
     @property
