@@ -10,6 +10,7 @@ import binascii
 import io
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidImage, PayloadTooLarge
@@ -41,7 +42,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
                 image.seek(0)  # animated GIF/WebP: the first frame
             image.load()
             image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return _to_8bit(image).convert("RGB")
     except (PayloadTooLarge, InvalidImage):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -50,6 +51,17 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise InvalidImage("the file is not an image in a supported format") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidImage(f"the image could not be decoded: {exc}") from None
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG opens as I;16 or I) scaled to 8 bits; other modes unchanged.
+
+    Pillow's ``convert("RGB")`` clips such pixels at 255, turning the picture white.
+    """
+    if not (image.mode == "I" or image.mode.startswith("I;16")):
+        return image
+    wide = np.asarray(image.convert("I"), dtype=np.int64).clip(0, 65535)  # (H, W)
+    return Image.fromarray(((wide + 128) // 257).astype(np.uint8), "L")
 
 
 def decode_base64_image(value: str, *, max_bytes: int) -> bytes:

@@ -11,7 +11,7 @@ from . import __version__
 from .api import admin, chat, inference, ops
 from .errors import install_error_handlers
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, load_api_keys
 from .runtime import Runtime
 from .settings import Settings
 
@@ -25,6 +25,8 @@ def create_app(
     """
     settings = settings or Settings()
     metrics = Metrics()
+    # Read once, here: a missing or empty keys file stops the start-up (ValueError).
+    api_keys = load_api_keys(settings.api_keys_file) if settings.api_keys_file else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,5 +58,7 @@ def create_app(
         large_prefix="/v1/admin/",
         large_max_bytes=settings.max_adapter_bytes + 2**20,  # room for the multipart framing
     )
+    if api_keys is not None:  # before the body is read; inside metrics, so 401s are counted
+        app.add_middleware(ApiKeyMiddleware, keys=api_keys)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -1,9 +1,13 @@
-"""Pure ASGI middleware: request metrics and the request-body bound."""
+"""Pure ASGI middleware: request metrics, the request-body bound, API keys."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
+from collections.abc import Iterable
+from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -107,3 +111,96 @@ class BodyLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(
+    send: Send, status: int, body: dict, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+def load_api_keys(path: Path) -> list[bytes]:
+    """Keys from ``path``: one per line, blank lines and ``#`` comment lines skipped.
+
+    Raises ``ValueError`` (with a message that never quotes a key) when the file cannot
+    be read or holds no key: a configured but empty file would lock every client out.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the API keys file {str(path)!r}: {exc}") from None
+    keys = [line.strip() for line in text.splitlines()]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise ValueError(f"the API keys file {str(path)!r} holds no key")
+    return [k.encode() for k in keys]
+
+
+class ApiKeyMiddleware:
+    """Refuses requests without a valid API key (401) on every path except the open ones
+    and ``skip_prefix`` (the admin API, which has its own token).
+
+    A key arrives as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``. Keys are
+    compared as SHA-256 digests with ``hmac.compare_digest`` against every configured key
+    (no early exit), so the time taken says nothing about how much of a key matched.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Iterable[bytes],
+        open_paths: Iterable[str] = ("/healthz", "/readyz", "/metrics"),
+        skip_prefix: str = "/v1/admin/",
+    ) -> None:
+        self.app = app
+        self.digests = [hashlib.sha256(k).digest() for k in keys]
+        self.open_paths = frozenset(open_paths)
+        self.skip_prefix = skip_prefix
+
+    def _valid(self, given: bytes) -> bool:
+        digest = hashlib.sha256(given).digest()
+        found = False
+        for expected in self.digests:
+            found |= hmac.compare_digest(digest, expected)
+        return found
+
+    def _authorized(self, scope: Scope) -> bool:
+        offered: list[bytes] = []
+        for name, value in scope.get("headers", ()):
+            if name == b"x-api-key":
+                offered.append(value.strip())
+            elif name == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    offered.append(credentials.strip())
+        # Every offered key is checked, valid or not, so timing does not depend on which.
+        results = [self._valid(key) for key in offered if key]
+        return any(results)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path in self.open_paths or path.startswith(self.skip_prefix) or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        await _send_json(
+            send,
+            401,
+            error_body("unauthorized", "missing or invalid API key: send 'Authorization: Bearer KEY' "
+                       "or 'X-API-Key: KEY'"),
+            [(b"www-authenticate", b"Bearer")],
+        )

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -93,3 +93,25 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /v1/admin; admin routes are off without one."
     )
+
+    # Public-route API keys (appended: keep new fields at the end)
+    api_keys_file: Path | None = Field(
+        None,
+        description="File of API keys for the public routes, one per line ('#' starts a comment "
+        "line), read once at start-up; sent as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'. "
+        "/healthz, /readyz and /metrics stay open. Off when unset.",
+    )
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # PROMPTSWAP_API_KEYS_FILE= means off, not "."
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _blank_token_is_unset(cls, value: object) -> object:
+        # PROMPTSWAP_ADMIN_TOKEN= (e.g. compose's ${VAR} of an unset variable) turns the admin
+        # API off; as an empty token, "Authorization: Bearer " alone would pass.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value

@@ -82,24 +82,35 @@ class AdapterStore:
     def put(self, name: str, encode: Callable[[int], bytes]) -> StoredVersion:
         """Store the next version of ``name``; ``encode(version)`` gives the file's bytes."""
         directory = self.root / check_name(name)
-        directory.mkdir(exist_ok=True)
-        while True:
-            current = self.versions(name)
-            version = (current[-1].version + 1) if current else 1
-            data = encode(version)
-            tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-            try:
-                self._write_synced(tmp, data)
-                final = directory / f"{version}{SUFFIX}"
+        created = not directory.exists()
+        try:
+            while True:
+                current = self.versions(name)
+                version = (current[-1].version + 1) if current else 1
+                data = encode(version)
+                tmp = self.tmp / f"{uuid.uuid4().hex}.part"
                 try:
-                    os.link(tmp, final)  # atomic, never overwrites
-                except FileExistsError:
-                    continue  # another writer took this version: take the next
-                self._fsync_dir(directory)
-                st = final.stat()
-                return StoredVersion(name, version, final, st.st_size, st.st_mtime)
-            finally:
-                tmp.unlink(missing_ok=True)
+                    self._write_synced(tmp, data)
+                    final = directory / f"{version}{SUFFIX}"
+                    directory.mkdir(exist_ok=True)
+                    try:
+                        os.link(tmp, final)  # atomic, never overwrites
+                    except FileExistsError:
+                        continue  # another writer took this version: take the next
+                    except FileNotFoundError:
+                        continue  # a failed writer removed the empty directory: make it again
+                    self._fsync_dir(directory)
+                    st = final.stat()
+                    return StoredVersion(name, version, final, st.st_size, st.st_mtime)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except BaseException:
+            if created:  # a failed first upload leaves no empty name directory behind
+                try:
+                    directory.rmdir()  # only when empty: another writer's version stays
+                except OSError:
+                    pass
+            raise
 
     def delete(self, name: str, version: int | None = None) -> list[StoredVersion]:
         """Remove one version or all of ``name``; returns what was removed."""

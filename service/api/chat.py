@@ -21,7 +21,8 @@ from ..generation import GenRequest
 from ..images import decode_base64_image
 from ..registry import LoadedAdapter
 from ..runtime import Runtime
-from ..schemas import ErrorBody
+from ..settings import Settings
+from ..schemas import ErrorBody, inline_schema
 from .deps import ReadyRuntimeDep
 from .inference import ClientGone, _unless_disconnected
 
@@ -62,11 +63,14 @@ def stops(value: str | list[str] | None) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-async def parse_chat_body(request: Request, max_bytes: int) -> chat.ChatCall:
+async def parse_chat_body(request: Request, runtime_settings: Settings) -> chat.ChatCall:
+    max_bytes = runtime_settings.max_body_bytes
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
         try:
-            form = await request.form(max_files=2, max_fields=16, max_part_size=64 * 1024)
+            # a part may hold the whole instruction: bound it by the prompt bound, not less
+            part_bytes = max(64 * 1024, 4 * runtime_settings.max_prompt_chars)
+            form = await request.form(max_files=2, max_fields=16, max_part_size=part_bytes)
         except HTTPException as exc:
             raise BadRequest(f"malformed multipart body: {exc.detail}") from None
         files = [v for v in form.getlist("image") if isinstance(v, UploadFile)]
@@ -114,7 +118,7 @@ def validated_json(model: type[BaseModel], raw: bytes) -> Any:
 
 @router.post("/v1/chat", response_model=ChatResponse, responses=ERRORS, openapi_extra={
     "requestBody": {"required": True, "content": {
-        "application/json": {"schema": ChatJSON.model_json_schema()},
+        "application/json": {"schema": inline_schema(ChatJSON)},
         "multipart/form-data": {"schema": {"type": "object", "required": ["image", "instruction"], "properties": {
             "image": {"type": "string", "format": "binary"}, "instruction": {"type": "string"},
             "adapter": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
@@ -123,7 +127,7 @@ def validated_json(model: type[BaseModel], raw: bytes) -> Any:
     }}})
 async def chat_route(request: Request, runtime: ReadyRuntimeDep) -> Any:
     """Answer an instruction about one image, with an optional M2PT adapter."""
-    call = await parse_chat_body(request, runtime.settings.max_body_bytes)
+    call = await parse_chat_body(request, runtime.settings)
     generation, adapter = await chat.start(runtime, call)
     model = runtime.llava.model_id  # type: ignore[union-attr]
     rid = f"chat-{uuid.uuid4().hex[:24]}"
@@ -244,7 +248,7 @@ def resolve_model(runtime: Runtime, name: str) -> str | None:
 
 @router.post("/v1/chat/completions", responses=ERRORS,
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": CompletionRequest.model_json_schema()}}}})
+                 "application/json": {"schema": inline_schema(CompletionRequest)}}}})
 async def chat_completions(request: Request, runtime: ReadyRuntimeDep) -> Any:
     """OpenAI's chat completions: messages with text and data: URL image parts."""
     if not request.headers.get("content-type", "").lower().startswith("application/json"):

@@ -26,7 +26,14 @@ from ..errors import (
 from ..images import decode_base64_image, decode_image
 from ..registry import LoadedAdapter
 from ..runtime import Runtime
-from ..schemas import DEFAULT_TEMPLATE, ClassifyJSON, ClassifyResponse, ErrorBody, LabelScore
+from ..schemas import (
+    DEFAULT_TEMPLATE,
+    ClassifyJSON,
+    ClassifyResponse,
+    ErrorBody,
+    LabelScore,
+    inline_schema,
+)
 from ..settings import Settings
 from .deps import ReadyRuntimeDep
 
@@ -61,7 +68,7 @@ CLASSIFY_BODY = {
             "multipart/form-data": {
                 "schema": {"type": "object", "required": ["image", "labels"], "properties": _FIELDS}
             },
-            "application/json": {"schema": ClassifyJSON.model_json_schema()},
+            "application/json": {"schema": inline_schema(ClassifyJSON)},
         },
     }
 }
@@ -181,8 +188,10 @@ async def _parse_classify(request: Request, s: Settings) -> tuple[ClassifyJSON, 
 
 async def _parse_multipart(request: Request, s: Settings) -> tuple[ClassifyJSON, bytes]:
     try:
+        # A part may be one JSON array of every label: the body bound is the part bound;
+        # labels are then checked one by one (422).
         form = await request.form(
-            max_files=1, max_fields=2 * s.max_labels + 8, max_part_size=s.max_label_chars * 8 + 1024
+            max_files=1, max_fields=2 * s.max_labels + 8, max_part_size=s.max_body_bytes
         )
     except HTTPException as exc:  # the parser's own bounds
         if "fields" in str(exc.detail):

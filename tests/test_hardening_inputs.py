@@ -1,0 +1,329 @@
+"""Hostile images and labels against the running app: every one is served correctly or
+refused with a clear status and JSON body, and the service keeps serving after each."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from PIL import Image, ImageFile
+from transformers.image_utils import load_image
+
+from service.settings import Settings
+from tests.conftest import encode, make_image, running_app
+from tests.test_classify_errors import assert_error, form, still_serving
+
+LABELS = ["cat", "dog", "boat"]
+# One app for the module (the tests only read): its start-up is most of a test's time.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(tiny_clip_dir, tmp_path_factory):
+    settings = Settings(clip_model=str(tiny_clip_dir), device="cpu", dtype="float32", max_wait_ms=2.0,
+                        adapter_dir=tmp_path_factory.mktemp("adapters"))
+    async with running_app(settings) as (client, _):
+        yield client
+
+
+def logits(response) -> dict[str, float]:
+    assert response.status_code == 200, response.text
+    return {row["label"]: row["logit"] for row in response.json()["labels"]}
+
+
+async def classify(client, image: bytes, labels=LABELS):
+    return await client.post("/v1/classify", **form(image, labels))
+
+
+# ------------------------------------------------------------------ bombs
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid-looking PNG header claiming ``width x height`` with a few bytes of data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def gif_bomb(width: int = 65535, height: int = 65535) -> bytes:
+    """A real 2x2 GIF whose screen and frame descriptors are patched to claim the size."""
+    data = bytearray(encode(Image.new("P", (2, 2)), "GIF"))
+    data[6:10] = struct.pack("<HH", width, height)  # logical screen descriptor
+    at = data.index(b"\x2c", 13)  # image descriptor
+    data[at + 5 : at + 9] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
+def webp_bomb(width: int = 16383, height: int = 16383) -> bytes:
+    """A real 2x2 lossless WebP whose VP8L header is patched to claim the size."""
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, format="WEBP", lossless=True)
+    data = bytearray(buf.getvalue())
+    at = data.index(b"VP8L") + 8
+    assert data[at] == 0x2F
+    bits = int.from_bytes(data[at + 1 : at + 5], "little")
+    bits = (bits & ~((1 << 28) - 1)) | (width - 1) | ((height - 1) << 14)
+    data[at + 1 : at + 5] = bits.to_bytes(4, "little")
+    return bytes(data)
+
+
+@pytest.fixture
+def decode_calls(monkeypatch) -> list[tuple[int, int]]:
+    """Every pixel decode (``ImageFile.load``) in the process, by claimed size."""
+    calls: list[tuple[int, int]] = []
+    original = ImageFile.ImageFile.load
+
+    def spy(self):
+        calls.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        lambda: png_bomb(100_000, 100_000),
+        lambda: png_bomb(2**31 - 1, 2**31 - 1),
+        lambda: png_bomb(1, 50_000_000),
+        lambda: gif_bomb(),
+        lambda: webp_bomb(),
+    ],
+    ids=["png-10-gigapixels", "png-int32-max", "png-one-long-row", "gif-65535-square", "webp-16383-square"],
+)
+async def test_decompression_bombs_are_413_before_decoding(client, decode_calls, bomb):
+    data = bomb()
+    assert len(data) < 1000  # tiny on the wire
+    error = assert_error(await classify(client, data), 413, "payload_too_large")
+    assert "pixels" in error["message"] or "too large" in error["message"]
+    assert decode_calls == [], "pixels were decoded before the size was checked"
+    response = await client.post(
+        "/v1/classify", json={"image": base64.b64encode(data).decode(), "labels": ["cat"]}
+    )
+    assert_error(response, 413, "payload_too_large")
+    assert decode_calls == []
+    await still_serving(client)
+
+
+async def test_zero_sized_and_lying_headers_are_400(client):
+    for data in (png_bomb(0, 10), png_bomb(10, 0), png_bomb(64, 64)):  # last: data far too short
+        assert_error(await classify(client, data), 400, "invalid_image")
+    await still_serving(client)
+
+
+async def test_pixel_bound_is_exact(tiny_clip_dir, tmp_path):
+    settings = Settings(clip_model=str(tiny_clip_dir), device="cpu", dtype="float32",
+                        adapter_dir=tmp_path, max_image_pixels=64 * 48)
+    async with running_app(settings) as (client, _):
+        assert (await classify(client, encode(make_image(0, (64, 48))))).status_code == 200
+        assert_error(await classify(client, encode(make_image(0, (65, 48)))), 413)
+
+
+# ------------------------------------------------------------------ modes and formats
+
+
+def image_bytes(image: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def rgb_png(image: Image.Image) -> bytes:
+    return image_bytes(image.convert("RGB"), "PNG")
+
+
+def reference_png(data: bytes) -> bytes:
+    """What transformers' own loader makes of ``data`` (orientation, RGB), as a PNG; the
+    RGB image keeps the palette's transparency colour, which CLIP's processor composites."""
+    return image_bytes(load_image(Image.open(io.BytesIO(data))), "PNG")
+
+
+BASE = make_image(5, (96, 64))
+
+
+def sixteen_bit_png() -> tuple[bytes, bytes]:
+    """16-bit grey: the same picture as 8-bit grey (transformers' loader clips it to white)."""
+    grey = np.asarray(BASE.convert("L"), dtype=np.uint16)
+    wide = Image.fromarray(grey * 257)
+    assert wide.mode.startswith("I")
+    return image_bytes(wide, "PNG"), rgb_png(BASE.convert("L"))
+
+
+def like_transformers(image: Image.Image, **params) -> tuple[bytes, bytes]:
+    data = image_bytes(image, "JPEG" if image.mode == "CMYK" else "PNG", **params)
+    return data, reference_png(data)
+
+
+def palette_with_transparency() -> Image.Image:
+    return BASE.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+
+
+def half_transparent() -> Image.Image:
+    rgba = BASE.convert("RGBA")
+    rgba.putalpha(128)
+    return rgba
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        sixteen_bit_png,
+        lambda: like_transformers(BASE.convert("CMYK"), quality=95),
+        lambda: like_transformers(palette_with_transparency(), transparency=0),
+        lambda: like_transformers(BASE.convert("LA")),
+        lambda: like_transformers(half_transparent()),
+        lambda: like_transformers(BASE.convert("1")),
+    ],
+    ids=["png-16bit-grey", "jpeg-cmyk", "png-palette-trns", "png-la", "png-rgba", "png-1bit"],
+)
+async def test_image_modes_are_served_as_the_picture_they_show(client, make):
+    data, same_picture = make()
+    got, expected = logits(await classify(client, data)), logits(await classify(client, same_picture))
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+async def animated(fmt: str) -> tuple[bytes, Image.Image, Image.Image]:
+    first, second = make_image(6, (64, 64)), make_image(7, (64, 64))
+    params = {"lossless": True} if fmt == "WEBP" else {}
+    data = image_bytes(first, fmt, save_all=True, append_images=[second], duration=100, loop=0, **params)
+    frames = Image.open(io.BytesIO(data))
+    assert frames.n_frames == 2
+    frames.seek(0)
+    shown_first = frames.convert("RGB")
+    frames.seek(1)
+    shown_second = frames.convert("RGB")
+    return data, shown_first, shown_second
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+async def test_animated_images_use_the_first_frame(client, fmt):
+    data, first, second = await animated(fmt)
+    got = logits(await classify(client, data))
+    assert got == pytest.approx(logits(await classify(client, rgb_png(first))), abs=1e-4)
+    assert got != pytest.approx(logits(await classify(client, rgb_png(second))), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "orientation, transpose",
+    [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90),
+     (2, Image.Transpose.FLIP_LEFT_RIGHT)],
+)
+async def test_exif_orientation_is_applied(client, orientation, transpose):
+    """A camera JPEG with an orientation tag classifies as the upright picture."""
+    stored = make_image(8, (96, 48))  # not square: a missed rotation changes the picture
+    plain = image_bytes(stored, "JPEG", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tagged = image_bytes(stored, "JPEG", quality=95, exif=exif.tobytes())
+    pixels = Image.open(io.BytesIO(plain))
+    assert np.array_equal(np.asarray(pixels), np.asarray(Image.open(io.BytesIO(tagged))))  # same scan
+    upright = rgb_png(pixels.transpose(transpose))
+    got = logits(await classify(client, tagged))
+    assert got == pytest.approx(logits(await classify(client, upright)), abs=1e-4)
+    assert got != pytest.approx(logits(await classify(client, plain)), abs=1e-4)
+
+
+# ------------------------------------------------------------------ labels
+
+
+async def test_megabyte_label_json_is_422(client):
+    image = base64.b64encode(encode(make_image(0))).decode()
+    response = await client.post("/v1/classify", json={"image": image, "labels": ["x" * 2**20]})
+    assert "characters" in assert_error(response, 422, "invalid_request")["message"]
+    await still_serving(client)
+
+
+async def test_megabyte_label_multipart_is_413_or_422(client):
+    response = await classify(client, encode(make_image(0)), ["x" * 2**20])
+    assert response.status_code in (413, 422), response.text
+    await still_serving(client)
+
+
+async def test_ten_thousand_labels_as_json_and_json_array_field(client):
+    labels = [f"l{i}" for i in range(10_000)]
+    image = encode(make_image(0))
+    response = await client.post(
+        "/v1/classify", json={"image": base64.b64encode(image).decode(), "labels": labels}
+    )
+    assert "at most 1000" in assert_error(response, 422)["message"]
+    await still_serving(client)
+
+
+async def test_ten_thousand_labels_as_one_json_array_field_is_a_clear_4xx(client):
+    labels = json.dumps([f"l{i}" for i in range(10_000)])
+    response = await client.post("/v1/classify", **form(encode(make_image(0)), labels))
+    assert 400 <= response.status_code < 500
+    assert_error(response, response.status_code)
+    await still_serving(client)
+
+
+async def test_max_labels_as_one_json_array_field_are_served(client):
+    labels = json.dumps([f"label number {i}" for i in range(1000)])
+    response = await client.post("/v1/classify", **form(encode(make_image(0)), labels))
+    assert response.status_code == 200, response.text
+
+
+UNICODE_LABELS = [
+    "قطة",  # Arabic, right to left
+    "\u202egod\u202c",  # RTL override
+    "e\u0301\u0301\u0301",  # combining marks
+    "🐈‍⬛",  # emoji with a zero-width joiner
+    "👨‍👩‍👧‍👦",  # family: three joiners
+    "a\u200bb",  # zero-width space
+    "\ufeffbom",
+    "𝔠𝔞𝔱",  # outside the BMP
+    "ﷺ",  # one char, many when normalised
+]
+
+
+async def test_unicode_labels_are_served_and_echoed_exactly(client):
+    image = encode(make_image(0))
+    for send in ("json", "multipart"):
+        if send == "json":
+            response = await client.post(
+                "/v1/classify", json={"image": base64.b64encode(image).decode(), "labels": UNICODE_LABELS}
+            )
+        else:
+            response = await classify(client, image, UNICODE_LABELS)
+        assert response.status_code == 200, response.text
+        assert sorted(row["label"] for row in response.json()["labels"]) == sorted(UNICODE_LABELS)
+
+
+@pytest.mark.parametrize("label", ["nul\x00byte", "\x00", "cat\x00"])
+async def test_nul_in_a_label_is_422(client, label):
+    image = encode(make_image(0))
+    response = await client.post(
+        "/v1/classify", json={"image": base64.b64encode(image).decode(), "labels": ["dog", label]}
+    )
+    assert "NUL" in assert_error(response, 422)["message"]
+    assert "NUL" in assert_error(await classify(client, image, ["dog", label]), 422)["message"]
+    await still_serving(client)
+
+
+async def test_lone_surrogate_in_json_is_a_clear_4xx(client):
+    body = b'{"image": "aGk=", "labels": ["\\ud800"]}'
+    response = await client.post("/v1/classify", content=body, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500
+    assert_error(response, response.status_code)
+    await still_serving(client)
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [("GET", "/v1/classify", 405), ("POST", "/healthz", 405), ("GET", "/nowhere", 404),
+     ("DELETE", "/v1/adapters/pets", 405), ("PUT", "/v1/admin/adapters", 405)],
+)
+async def test_unknown_routes_and_methods_answer_the_json_error_body(client, method, path, status):
+    assert_error(await client.request(method, path), status)
