@@ -165,51 +165,40 @@ def encode_adapter(adapter: Adapter) -> bytes:
 
 
 def dump_adapter(
-    folded: FoldedMaple,
-    *,
-    name: str,
-    backbone: Mapping[str, Any],
-    version: int | None = None,
-    description: str = "",
-    hyperparameters: Mapping[str, Any] | None = None,
-    created_at: str | None = None,
-) -> bytes:
+    folded: FoldedMaple, *, name: str, backbone: Mapping[str, Any], version: int | None = None,
+    description: str = "", hyperparameters: Mapping[str, Any] | None = None, created_at: str | None = None,
+) -> bytes:  # fmt: skip
     """Serialize a folded MaPLe adapter with its manifest. ``n_ctx``/``depth`` are filled in."""
-    hp = dict(hyperparameters or {})
-    hp.update(n_ctx=folded.n_ctx, depth=folded.depth)
-    manifest = Manifest(
-        name=check_name(name),
-        method="maple",
-        backbone=dict(backbone),
-        hyperparameters=hp,
-        tensors_sha256="",
-        created_at=created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        version=version,
-        description=description,
-    )
-    return encode_adapter(Adapter(manifest, folded))
+    shape = {"n_ctx": folded.n_ctx, "depth": folded.depth}
+    return _dump(folded, "maple", shape, name, backbone, version, description, hyperparameters, created_at)
 
 
 def dump_m2pt_adapter(
-    folded: FoldedM2pt,
-    *,
+    folded: FoldedM2pt, *, name: str, backbone: Mapping[str, Any], version: int | None = None,
+    description: str = "", hyperparameters: Mapping[str, Any] | None = None, created_at: str | None = None,
+) -> bytes:  # fmt: skip
+    """Serialize a folded M2PT adapter with its manifest; prompt counts and depths are filled in."""
+    shape = {"n_vision": folded.n_vision, "vision_depth": folded.vision_depth,
+             "n_text": folded.n_text, "text_depth": folded.text_depth}  # fmt: skip
+    return _dump(folded, "m2pt", shape, name, backbone, version, description, hyperparameters, created_at)
+
+
+def _dump(
+    folded: FoldedMaple | FoldedM2pt,
+    method: str,
+    shape: Mapping[str, int],
     name: str,
     backbone: Mapping[str, Any],
-    version: int | None = None,
-    description: str = "",
-    hyperparameters: Mapping[str, Any] | None = None,
-    created_at: str | None = None,
+    version: int | None,
+    description: str,
+    hyperparameters: Mapping[str, Any] | None,
+    created_at: str | None,
 ) -> bytes:
-    """Serialize a folded M2PT adapter with its manifest; prompt counts and depths are filled in."""
-    hp = dict(hyperparameters or {})
-    hp.update(
-        n_vision=folded.n_vision, vision_depth=folded.vision_depth, n_text=folded.n_text, text_depth=folded.text_depth
-    )
     manifest = Manifest(
         name=check_name(name),
-        method="m2pt",
+        method=method,
         backbone=dict(backbone),
-        hyperparameters=hp,
+        hyperparameters={**(hyperparameters or {}), **shape},
         tensors_sha256="",
         created_at=created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         version=version,
