@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import io
+import shutil
 import time
 from pathlib import Path
 
@@ -83,8 +84,10 @@ async def run(requests: int, max_tokens: int) -> list[tuple[str, dict]]:
         model_dir.mkdir(parents=True, exist_ok=True)
         save_tiny_llava(model_dir)
     port = free_port()
+    shutil.rmtree(OUT / "chat-adapters", ignore_errors=True)  # a fresh store each run
     argv = ["-m", "service", "serve", "--clip-model", "", "--llava-model", str(model_dir),
-            "--device", "cpu", "--port", str(port), "--chat-max-batch-size", "16", "--log-level", "warning"]
+            "--device", "cpu", "--port", str(port), "--chat-max-batch-size", "16", "--log-level", "warning",
+            "--adapter-dir", str(OUT / "chat-adapters")]
     server = start("chat", argv, {"PROMPTSWAP_ADMIN_TOKEN": TOKEN}, port)
     try:
         async with httpx.AsyncClient() as http:

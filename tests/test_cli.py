@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def free_port() -> int:
 def serve(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "service", "serve", *args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        # a store of its own: a test never writes to the user's data directory
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PROMPTSWAP_ADAPTER_DIR": tempfile.mkdtemp(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

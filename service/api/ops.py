@@ -49,7 +49,9 @@ async def models(runtime: ReadyRuntimeDep) -> ModelList:
         registry = runtime.registry
         loop = asyncio.get_running_loop()
         for described in await loop.run_in_executor(runtime.decode_pool, registry.describe_all):
-            task = "chat" if described.get("method") == "m2pt" else "classify"
+            if described.get("method") not in registry.placements:
+                continue  # stored for a backbone this service does not run
+            task = "chat" if described["method"] == "m2pt" else "classify"
             for version in described["versions"]:
                 cards.append(ModelCard(id=version["key"], kind="adapter", task=task))
             cards.append(ModelCard(id=described["name"], kind="adapter", task=task))
