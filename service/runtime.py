@@ -91,6 +91,8 @@ class Runtime:
 
     def start(self, on_fatal: Callable[[str], None] | None = None) -> None:
         """Load models in the background; ``on_fatal`` is told if that fails."""
+        if self.settings.torch_threads is not None:
+            torch.set_num_threads(self.settings.torch_threads)  # process-wide intra-op pool
         self._load_task = asyncio.get_running_loop().create_task(self._load(on_fatal))
 
     async def _load(self, on_fatal: Callable[[str], None] | None) -> None:

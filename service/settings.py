@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of a request from admission; past it: 504."
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="torch intra-op threads for the model; unset keeps torch's default (all cores). "
+        "Fewer leave cores to image decoding and HTTP on small machines.",
+    )
     decode_threads: int = Field(
         min(4, os.cpu_count() or 1), ge=1, le=64, description="Threads decoding images."
     )
