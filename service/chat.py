@@ -114,6 +114,9 @@ async def start(runtime: Runtime, call: ChatCall) -> tuple[GenRequest, LoadedAda
         raise Unprocessable(f"the messages are over {s.max_prompt_chars} characters")
     if len(call.stop) > 4 or any(not stop or len(stop) > 64 for stop in call.stop):
         raise Unprocessable("stop: at most 4 non-empty strings of at most 64 characters")
+    if engine.depth >= engine.max_queue:  # refuse before decoding and tokenizing
+        runtime.metrics.rejected.labels("chat", "queue_full").inc()
+        raise Overloaded(f"server busy: {engine.depth} chat requests waiting", retry_after_s=2)
     adapter = await runtime.acquire_adapter(call.adapter, method="m2pt")
     try:
         llava = runtime.llava

@@ -32,6 +32,7 @@ class PromptAdapter(Protocol):
     """What the handler needs of a loaded MaPLe adapter (see service.registry)."""
 
     key: str  # "name@version"
+    uid: str  # key and content: text embeddings are cached under it
     folded: FoldedPrompts
 
 
@@ -43,7 +44,7 @@ class ClassifyItem:
     adapter: PromptAdapter | None = None
 
     def text_keys(self, model_id: str) -> list[TextKey]:
-        akey = self.adapter.key if self.adapter is not None else ""
+        akey = self.adapter.uid if self.adapter is not None else ""
         return [TextKey(model_id, akey, self.template, label) for label in self.labels]
 
 

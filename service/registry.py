@@ -53,12 +53,18 @@ class LoadedAdapter:
     manifest: Manifest
     folded: Any  # the method's folded tensors on the device (FoldedMaple, FoldedM2pt)
     nbytes: int
+    file_id: tuple[int, int, int]  # the stored file it came from (see StoredVersion)
     extras: dict[str, Any] = field(default_factory=dict)  # precomputed per adapter (KV prefix)
     pins: int = 0  # requests holding it: never evicted while > 0
 
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def uid(self) -> str:
+        """Key plus content: what caches derived from this adapter are keyed by."""
+        return f"{self.key}#{self.manifest.tensors_sha256[:16]}"
 
     @property
     def method(self) -> str:
@@ -112,7 +118,7 @@ class AdapterRegistry:
         self._metrics = metrics
         self._on_forget = on_forget  # called with "name@version" when a version is deleted
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order
-        self._flights: dict[str, asyncio.Future[LoadedAdapter]] = {}
+        self._flights: dict[tuple[str, tuple[int, int, int]], asyncio.Future[LoadedAdapter]] = {}
         self.loads = 0  # completed loads from disk, for tests and metrics
         metrics.adapter_device_bytes.set_function(lambda: self.device_bytes)
 
@@ -133,7 +139,7 @@ class AdapterRegistry:
         if stored is None:
             raise NotFound(f"adapter {ref!r} not found")
         adapter = self._loaded.get(stored.key)
-        if adapter is None:
+        if adapter is None or adapter.file_id != stored.file_id:  # cold, or a new file
             adapter = await self._load_once(stored)
         if adapter.manifest.method != method:
             raise Unprocessable(
@@ -154,11 +160,12 @@ class AdapterRegistry:
         self._evict_over_budget()
 
     async def _load_once(self, stored: StoredVersion) -> LoadedAdapter:
-        flight = self._flights.get(stored.key)
+        ident = (stored.key, stored.file_id)
+        flight = self._flights.get(ident)
         if flight is None:
             flight = asyncio.ensure_future(self._load(stored))
-            self._flights[stored.key] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(stored.key, None))
+            self._flights[ident] = flight
+            flight.add_done_callback(lambda _: self._flights.pop(ident, None))
         # shield: one waiter giving up must not cancel the load the others wait for
         return await asyncio.shield(flight)
 
@@ -168,6 +175,8 @@ class AdapterRegistry:
         try:
             adapter = await loop.run_in_executor(self._io, self._read_and_place, stored)
         except AdapterError as exc:
+            if not stored.path.exists():  # deleted between resolving and reading it
+                raise NotFound(f"adapter {stored.key!r} not found (deleted)") from None
             log.error("adapter %s in the store is unusable: %s", stored.key, exc)
             raise AdapterCorrupted(f"adapter {stored.key!r} in the store is unusable: {exc}") from None
         self.loads += 1
@@ -192,7 +201,9 @@ class AdapterRegistry:
         placement = self._placement(parsed)
         validate_for_backbone(parsed, placement.fingerprint)
         folded, nbytes, extras = placement.place(parsed.folded)
-        return LoadedAdapter(stored.name, stored.version, parsed.manifest, folded, nbytes, extras)
+        return LoadedAdapter(
+            stored.name, stored.version, parsed.manifest, folded, nbytes, stored.file_id, extras
+        )
 
     def _evict_over_budget(self, keep: str | None = None) -> None:
         for key in list(self._loaded):

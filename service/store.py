@@ -4,7 +4,8 @@ Layout: ``<root>/<name>/<version>.safetensors`` (version 1, 2, ...). A write goe
 ``<root>/.tmp/``, is fsynced, then hard-linked to its final name, which fails if that
 name exists: two writers (two replicas on one shared volume) can never overwrite each
 other's version, and no reader ever sees a half-written file. A failed write leaves the
-store as it was. Names are checked against ``[a-z0-9][a-z0-9._-]{0,63}`` before any
+store as it was. Version numbers are never reused, even after deletes: ``<name>/.latest``
+keeps the highest version ever written, so ``name@3`` always means one content. Names are checked against ``[a-z0-9][a-z0-9._-]{0,63}`` before any
 path is built, so no name can leave the root.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from adapters.format import check_name
 
 SUFFIX = ".safetensors"
+HIGH_WATER = ".latest"
 _VERSION_FILE = re.compile(r"([1-9][0-9]{0,8})\.safetensors")
 
 
@@ -35,10 +37,17 @@ class StoredVersion:
     path: Path
     size: int
     mtime: float
+    file_id: tuple[int, int, int] = (0, 0, 0)  # inode, mtime ns, size: which file, not which name
 
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+def _stored(name: str, version: int, path: Path, st: os.stat_result) -> StoredVersion:
+    return StoredVersion(
+        name, version, path, st.st_size, st.st_mtime, (st.st_ino, st.st_mtime_ns, st.st_size)
+    )
 
 
 class AdapterStore:
@@ -67,8 +76,7 @@ class AdapterStore:
         for entry in entries:
             match = _VERSION_FILE.fullmatch(entry.name)
             if match and entry.is_file():
-                st = entry.stat()
-                found.append(StoredVersion(name, int(match[1]), Path(entry.path), st.st_size, st.st_mtime))
+                found.append(_stored(name, int(match[1]), Path(entry.path), entry.stat()))
         return sorted(found, key=lambda v: v.version)
 
     def get(self, name: str, version: int | None = None) -> StoredVersion | None:
@@ -86,7 +94,8 @@ class AdapterStore:
         try:
             while True:
                 current = self.versions(name)
-                version = (current[-1].version + 1) if current else 1
+                highest = max([v.version for v in current] + [self._high_water(directory)])
+                version = highest + 1
                 data = encode(version)
                 tmp = self.tmp / f"{uuid.uuid4().hex}.part"
                 try:
@@ -99,9 +108,9 @@ class AdapterStore:
                         continue  # another writer took this version: take the next
                     except FileNotFoundError:
                         continue  # a failed writer removed the empty directory: make it again
+                    self._set_high_water(directory, version)
                     self._fsync_dir(directory)
-                    st = final.stat()
-                    return StoredVersion(name, version, final, st.st_size, st.st_mtime)
+                    return _stored(name, version, final, final.stat())
                 finally:
                     tmp.unlink(missing_ok=True)
         except BaseException:
@@ -127,6 +136,20 @@ class AdapterStore:
             except OSError:
                 pass
         return doomed
+
+    @staticmethod
+    def _high_water(directory: Path) -> int:
+        try:
+            return int((directory / HIGH_WATER).read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _set_high_water(self, directory: Path, version: int) -> None:
+        if version <= self._high_water(directory):
+            return
+        tmp = self.tmp / f"{uuid.uuid4().hex}.latest"
+        tmp.write_text(str(version))
+        os.replace(tmp, directory / HIGH_WATER)  # atomic: readers see the old or the new number
 
     @staticmethod
     def _write_synced(path: Path, data: bytes) -> None:

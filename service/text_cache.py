@@ -1,8 +1,8 @@
 """Bounded LRU of text embeddings keyed by (model, adapter version, template, label).
 
-Only the model worker thread touches it, so it needs no lock. Entries of an adapter
-version are dropped with that version (``drop_adapter``), so no stale feature of a
-deleted or replaced adapter is ever served.
+Only the model worker thread touches it, so it needs no lock. Adapter entries are keyed
+by the adapter's content as well as its name and version, so no feature of a deleted or
+replaced file is ever served; ``drop_adapter`` frees them when a version is deleted.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 class TextKey(NamedTuple):
     model: str
-    adapter: str  # "" for zero-shot, else "name@version"
+    adapter: str  # "" for zero-shot, else the adapter's uid: "name@version#<content hash>"
     template: str
     label: str
 
@@ -59,9 +59,11 @@ class TextCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def drop_adapter(self, adapter: str) -> int:
-        """Forget every entry of one adapter version; returns how many."""
-        stale = [k for k in self._entries if k.adapter == adapter]
+    def drop_adapter(self, key: str) -> int:
+        """Forget every entry of adapter version ``key`` ("name@version"), whatever its
+        content; returns how many. Entries a racing batch adds later carry the old content's
+        uid, so they are never served for a new file under the same key."""
+        stale = [k for k in self._entries if k.adapter.partition("#")[0] == key]
         for key in stale:
             del self._entries[key]
         return len(stale)

@@ -274,3 +274,51 @@ async def test_concurrent_cold_loads_past_a_one_adapter_budget_all_succeed(admin
         assert [r.json()["adapter"] for r in responses] == [f"{names[i % 4]}@1" for i in range(24)]
         registry = app.state.runtime.registry
         assert registry.device_bytes <= one_adapter  # nothing pinned once answered
+
+
+async def test_version_numbers_are_never_reused(admin_settings, tiny_clip_dir):
+    async with running_app(admin_settings()) as (client, _):
+        versions = []
+        for seed in range(3):
+            r = await upload(client, adapter_bytes(tiny_clip_dir, "again", seed=seed))
+            versions.append(r.json()["version"])
+            assert (await client.delete("/v1/admin/adapters/again", headers=AUTH)).status_code == 200
+        assert versions == [1, 2, 3]
+        assert (await classify(client, 0, ["cat"], "again@1")).status_code == 404
+
+
+async def test_a_replaced_file_never_gets_the_old_contents_text_embeddings(admin_settings, tiny_clip_dir, tmp_path):
+    """Caches are keyed by content: a new file under the same name@version (another
+    replica's delete + re-upload) is served as itself, text embeddings included."""
+    labels = ["cat", "dog", "boat"]
+    async with running_app(admin_settings(adapter_dir=tmp_path / "truth")) as (client, _):  # content B alone
+        assert (await upload(client, adapter_bytes(tiny_clip_dir, "swap", seed=21))).status_code == 201
+        want_b = logits_of((await classify(client, 0, labels, "swap")).json())
+    settings = admin_settings()
+    async with running_app(settings) as (client, _):
+        assert (await upload(client, adapter_bytes(tiny_clip_dir, "swap", seed=20))).status_code == 201
+        got_a = logits_of((await classify(client, 0, labels, "swap")).json())  # caches A's text
+        path = settings.adapter_dir / "swap" / "1.safetensors"
+        replacement = path.with_suffix(".new")
+        replacement.write_bytes(adapter_bytes(tiny_clip_dir, "swap", seed=21))
+        replacement.replace(path)
+        got_b = logits_of((await classify(client, 0, labels, "swap")).json())
+    assert got_a != pytest.approx(want_b, abs=1e-3)
+    assert got_b == pytest.approx(want_b, abs=1e-5)
+
+
+async def test_an_adapter_deleted_while_it_loads_is_404_not_500(admin_settings, tiny_clip_dir, monkeypatch):
+    async with running_app(admin_settings()) as (client, app):
+        assert (await upload(client, adapter_bytes(tiny_clip_dir, "gone"))).status_code == 201
+        store = app.state.runtime.registry.store
+        resolve = store.get
+
+        def get_then_delete(name, version=None):  # the delete lands between resolve and read
+            stored = resolve(name, version)
+            if stored is not None:
+                stored.path.unlink()
+            return stored
+
+        monkeypatch.setattr(store, "get", get_then_delete)
+        r = await classify(client, 0, ["cat"], "gone")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

@@ -112,6 +112,10 @@ async def _classify(
     adapter: LoadedAdapter | None,
 ) -> Any:
     s = runtime.settings
+    queue = runtime.classify_queue
+    if queue.is_overloaded():  # refuse before spending decode time on a request that can't queue
+        runtime.metrics.rejected.labels("classify", "queue_full").inc()
+        raise Overloaded(f"server busy: {queue.depth} requests already queued", retry_after_s=1)
     loop = asyncio.get_running_loop()
     clip = runtime.clip
     pixels = await loop.run_in_executor(
@@ -121,7 +125,7 @@ async def _classify(
     item = ClassifyItem(pixels, labels, template, adapter)
     try:
         result = await _unless_disconnected(
-            request, runtime.classify_queue.submit(item, s.request_timeout_s)
+            request, queue.submit(item, s.request_timeout_s)
         )
     except QueueFull as exc:
         runtime.metrics.rejected.labels("classify", "queue_full").inc()
