@@ -84,6 +84,10 @@ class Placement:
     place: Callable[[Any], tuple[Any, int, dict[str, Any]]]
 
 
+class _Vanished(Exception):
+    """The resolved file was deleted before it could be read."""
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """``name`` or ``name@version`` -> (name, version or None)."""
     name, sep, version = ref.partition("@")
@@ -134,13 +138,7 @@ class AdapterRegistry:
     async def acquire(self, ref: str, method: str = "maple") -> LoadedAdapter:
         """Resolve ``ref``, load it if cold (once), pin it. Pair with ``release``."""
         name, version = parse_ref(ref)
-        loop = asyncio.get_running_loop()
-        stored = await loop.run_in_executor(self._io, self.store.get, name, version)
-        if stored is None:
-            raise NotFound(f"adapter {ref!r} not found")
-        adapter = self._loaded.get(stored.key)
-        if adapter is None or adapter.file_id != stored.file_id:  # cold, or a new file
-            adapter = await self._load_once(stored)
+        adapter = await self._resolve(ref, name, version)
         if adapter.manifest.method != method:
             raise Unprocessable(
                 f"adapter {adapter.key!r} is a {adapter.manifest.method} adapter; "
@@ -154,6 +152,24 @@ class AdapterRegistry:
         self._evict_over_budget()
         self._metrics.adapter_requests.labels(adapter.name).inc()
         return adapter
+
+    async def _resolve(self, ref: str, name: str, version: int | None) -> LoadedAdapter:
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            stored = await loop.run_in_executor(self._io, self.store.get, name, version)
+            if stored is None:
+                raise NotFound(f"adapter {ref!r} not found")
+            adapter = self._loaded.get(stored.key)
+            if adapter is not None and adapter.file_id == stored.file_id:
+                return adapter
+            try:
+                return await self._load_once(stored)  # cold, or a new file under the key
+            except _Vanished:
+                # Deleted between resolving and reading. "name" means the latest version:
+                # resolve again (an older one may remain); "name@version" is gone.
+                if version is not None or attempt == 1:
+                    raise NotFound(f"adapter {stored.key!r} not found (deleted)") from None
+        raise AssertionError("unreachable")
 
     def release(self, adapter: LoadedAdapter) -> None:
         adapter.pins = max(0, adapter.pins - 1)
@@ -176,7 +192,7 @@ class AdapterRegistry:
             adapter = await loop.run_in_executor(self._io, self._read_and_place, stored)
         except AdapterError as exc:
             if not stored.path.exists():  # deleted between resolving and reading it
-                raise NotFound(f"adapter {stored.key!r} not found (deleted)") from None
+                raise _Vanished(stored.key) from None
             log.error("adapter %s in the store is unusable: %s", stored.key, exc)
             raise AdapterCorrupted(f"adapter {stored.key!r} in the store is unusable: {exc}") from None
         self.loads += 1

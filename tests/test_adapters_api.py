@@ -322,3 +322,24 @@ async def test_an_adapter_deleted_while_it_loads_is_404_not_500(admin_settings, 
         monkeypatch.setattr(store, "get", get_then_delete)
         r = await classify(client, 0, ["cat"], "gone")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_latest_deleted_while_it_loads_falls_back_to_the_remaining_version(admin_settings, tiny_clip_dir, monkeypatch):
+    async with running_app(admin_settings()) as (client, app):
+        for seed in (1, 2):
+            assert (await upload(client, adapter_bytes(tiny_clip_dir, "two", seed=seed))).status_code == 201
+        store = app.state.runtime.registry.store
+        resolve = store.get
+        deleted = []
+
+        def get_then_delete_latest(name, version=None):
+            stored = resolve(name, version)
+            if stored is not None and not deleted:  # once: the delete of @2 lands mid-request
+                stored.path.unlink()
+                deleted.append(stored.key)
+            return stored
+
+        monkeypatch.setattr(store, "get", get_then_delete_latest)
+        r = await classify(client, 0, ["cat"], "two")
+        assert deleted == ["two@2"]
+        assert r.status_code == 200 and r.json()["adapter"] == "two@1"
