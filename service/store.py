@@ -76,7 +76,11 @@ class AdapterStore:
         for entry in entries:
             match = _VERSION_FILE.fullmatch(entry.name)
             if match and entry.is_file():
-                found.append(_stored(name, int(match[1]), Path(entry.path), entry.stat()))
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue  # deleted between listing and stat: it is gone
+                found.append(_stored(name, int(match[1]), Path(entry.path), st))
         return sorted(found, key=lambda v: v.version)
 
     def get(self, name: str, version: int | None = None) -> StoredVersion | None:

@@ -343,3 +343,22 @@ async def test_latest_deleted_while_it_loads_falls_back_to_the_remaining_version
         r = await classify(client, 0, ["cat"], "two")
         assert deleted == ["two@2"]
         assert r.status_code == 200 and r.json()["adapter"] == "two@1"
+
+
+def test_a_version_deleted_between_listing_and_stat_is_skipped(tmp_path, tiny_clip_dir, monkeypatch):
+    import os
+
+    from service.store import AdapterStore
+
+    store = AdapterStore(tmp_path)
+    for seed in (1, 2):
+        store.put("race", lambda v, seed=seed: adapter_bytes(tiny_clip_dir, "race", seed=seed))
+    real_scandir = os.scandir
+
+    def scandir_then_delete(path):  # another replica deletes @2 right after the listing
+        entries = list(real_scandir(path))
+        (tmp_path / "race" / "2.safetensors").unlink(missing_ok=True)
+        return iter(entries)
+
+    monkeypatch.setattr("service.store.os.scandir", scandir_then_delete)
+    assert [v.version for v in store.versions("race")] == [1]
