@@ -42,6 +42,22 @@ def cmd_train_maple(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_m2pt(args: argparse.Namespace) -> int:
+    from adapters.training_m2pt import M2ptTrainConfig, train_m2pt
+
+    config = M2ptTrainConfig(
+        backbone=args.backbone, data=args.data, output=args.output, name=args.name, n_vision=args.n_vision,
+        n_text=args.n_text, lr=args.lr, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+        device=args.device, description=args.description,
+    )  # fmt: skip
+    result = train_m2pt(config)
+    print(f"answer loss {result.loss_start:.4f} -> {result.loss_end:.4f} ({result.steps} steps, {result.seconds:.1f} s)")
+    for i, (before, after) in enumerate(zip(result.answers_before, result.answers_after, strict=True)):
+        print(f"  [{i}] target {result.examples[i].answer!r}: before {before!r}, after {after!r}")
+    print(f"wrote {args.output} ({len(result.adapter)} bytes)")
+    return 0
+
+
 def cmd_upload(args: argparse.Namespace) -> int:
     from adapters.upload import resolve_token
 
@@ -93,6 +109,27 @@ def register_training(subparsers: argparse._SubParsersAction, guarded: Callable[
     p.add_argument("--upload", metavar="URL", help="then upload to this service (e.g. http://localhost:8000)")
     p.add_argument("--token", help="admin token for --upload (prefer the env PROMPTSWAP_ADMIN_TOKEN)")
     p.set_defaults(func=guarded(cmd_train_maple))
+
+    p = methods.add_parser(
+        "m2pt",
+        help="M2PT instruction tuning of a frozen LLaVA",
+        description="Train M2PT prompts (vision, text, interaction layer) on DATA, a JSONL file of "
+        '{"image": path relative to the file, "instruction": ..., "answer": ...}; the backbone stays frozen.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--backbone", required=True, help="LLaVA directory or hub id (the one you serve)")
+    p.add_argument("--data", required=True, help="JSONL instruction set")
+    p.add_argument("-o", "--output", required=True, help="adapter file to write")
+    p.add_argument("--name", help="adapter name (default: the output file's stem)")
+    p.add_argument("--n-vision", type=int, default=4, help="visual prompts per vision layer")
+    p.add_argument("--n-text", type=int, default=4, help="textual prompts per LLM layer")
+    p.add_argument("--lr", type=float, default=0.01, help="AdamW learning rate")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--description", default="", help="free text stored in the manifest")
+    p.set_defaults(func=guarded(cmd_train_m2pt))
 
     p = subparsers.add_parser("upload", help="upload an adapter file to a running service")
     p.add_argument("file")
