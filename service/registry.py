@@ -20,7 +20,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 
 from adapters.errors import AdapterError
 from adapters.format import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,6 +19,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from service.main import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.tiny_models import save_tiny_clip  # noqa: E402
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the test, restored after (training on tiny models: a second
+    thread only adds synchronisation; on a busy 2-core machine 43 s became 7 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import io
 import json
 import struct
 import zlib
-from collections.abc import Callable
 
 import numpy as np
 import pytest
