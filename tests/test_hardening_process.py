@@ -111,7 +111,9 @@ def test_real_server_keeps_its_secrets_and_drains_on_sigterm(tiny_clip_dir: Path
             proc.communicate()
     # uvicorn re-raises the SIGTERM after a graceful shutdown, so the status may say so.
     assert proc.returncode in (0, -signal.SIGTERM), output
-    assert "Waiting for connections to close" in output  # it did wait for the three
+    # It waited for the three: they were answered 200 after SIGTERM, while new connections
+    # were refused and the process was still alive (uvicorn's own log line about waiting
+    # depends on its timing, so it is not asserted).
     assert "Application shutdown complete" in output
     assert "401" in output and "DEBUG" in output  # the log saw the refusals, at full detail
     assert TOKEN not in output
