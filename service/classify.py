@@ -20,6 +20,7 @@ from .backbones.clip import ClipBackbone
 from .errors import Unprocessable
 from .text_cache import TextCache, TextKey
 
+PREFIX_CACHE_ENTRIES = 4096  # distinct templates whose prefix token count is kept
 TEXT_CHUNK = 256  # prompts per text forward: bounds activation memory for big label sets
 
 
@@ -64,6 +65,7 @@ class ClassifyHandler:
         self.cache = cache
         self.logit_scale = backbone.logit_scale
         self.text_forwards = 0  # text-encoder calls, for tests and metrics
+        self._prefix_tokens: dict[str, int] = {}  # model thread only
 
     def __call__(self, items: list[ClassifyItem]) -> list[ClassifyResult | BaseException]:
         model_id = self.backbone.model_id
@@ -131,14 +133,24 @@ class ClassifyHandler:
         if adapter is not None:
             # MaPLe replaces the n_ctx tokens after the start token: they must be template words.
             n_ctx = adapter.folded.text.shape[1]
-            prefix = key.template.split("{}")[0].strip()
-            before = self.backbone.token_lengths([prefix])[0] - 2  # minus start and end tokens
+            before = self._tokens_before_label(key.template)
             if before < n_ctx:
                 return (
                     f"template {key.template!r} has {before} tokens before the label, but "
                     f"adapter {adapter.key!r} replaces the first {n_ctx}; use a longer template"
                 )
         return None
+
+    def _tokens_before_label(self, template: str) -> int:
+        """Word tokens of ``template`` before ``{}``, counted once per template."""
+        count = self._prefix_tokens.get(template)
+        if count is None:
+            prefix = template.split("{}")[0].strip()
+            count = self.backbone.token_lengths([prefix])[0] - 2  # minus start and end tokens
+            if len(self._prefix_tokens) >= PREFIX_CACHE_ENTRIES:  # templates come from requests
+                self._prefix_tokens.clear()
+            self._prefix_tokens[template] = count
+        return count
 
     def _image_features(self, items: list[ClassifyItem]) -> list[torch.Tensor]:
         """One forward per prompt shape; each row gathers its own adapter's prompts."""

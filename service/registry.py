@@ -38,6 +38,8 @@ from .store import AdapterStore, StoredVersion
 
 log = logging.getLogger("promptswap.registry")
 
+MANIFEST_CACHE_ENTRIES = 100_000  # parsed manifests kept by stored file (a few hundred bytes each)
+
 
 class AdapterCorrupted(ApiError):
     status, code = 500, "adapter_corrupted"
@@ -122,6 +124,8 @@ class AdapterRegistry:
         self._on_forget = on_forget  # called with "name@version" when a version is deleted
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order
         self._flights: dict[tuple[str, tuple[int, int, int]], asyncio.Future[LoadedAdapter]] = {}
+        # Manifests by stored file: listings read each file once, not on every GET.
+        self._manifests: dict[tuple[int, int, int], Manifest] = {}
         self.loads = 0  # completed loads from disk, for tests and metrics
         metrics.adapter_device_bytes.set_function(lambda: self.device_bytes)
 
@@ -215,6 +219,7 @@ class AdapterRegistry:
         parsed = read_adapter_file(stored.path, max_bytes=self.max_adapter_bytes)
         placement = self._placement(parsed)
         validate_for_backbone(parsed, placement.fingerprint)
+        self._remember_manifest(stored.file_id, parsed.manifest)
         folded, nbytes, extras = placement.place(parsed.folded)
         return LoadedAdapter(
             stored.name, stored.version, parsed.manifest, folded, nbytes, stored.file_id, extras
@@ -254,8 +259,14 @@ class AdapterRegistry:
         for stored in removed:
             if self._loaded.pop(stored.key, None) is not None:
                 self._metrics.adapter_evictions.inc()
+            self._manifests.pop(stored.file_id, None)
             if self._on_forget is not None:
                 self._on_forget(stored.key)
+
+    def _remember_manifest(self, file_id: tuple[int, int, int], manifest: Manifest) -> None:
+        if len(self._manifests) >= MANIFEST_CACHE_ENTRIES:  # files other replicas replaced
+            self._manifests.clear()
+        self._manifests[file_id] = manifest
 
     def describe_all(self) -> list[dict[str, Any]]:
         return [d for n in self.store.names() if (d := self.describe(n)) is not None]
@@ -278,8 +289,12 @@ class AdapterRegistry:
                 for v in versions
             ],
         }
+        latest = versions[-1]
+        manifest = self._manifests.get(latest.file_id)
         try:
-            manifest = read_adapter_file(versions[-1].path, max_bytes=self.max_adapter_bytes).manifest
+            if manifest is None:
+                manifest = read_adapter_file(latest.path, max_bytes=self.max_adapter_bytes).manifest
+                self._remember_manifest(latest.file_id, manifest)
         except AdapterError as exc:
             described["error"] = str(exc)
         else:

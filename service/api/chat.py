@@ -24,7 +24,7 @@ from ..runtime import Runtime
 from ..settings import Settings
 from ..schemas import ErrorBody, inline_schema
 from .deps import ReadyRuntimeDep
-from .inference import ClientGone, _unless_disconnected
+from .disconnect import ClientGone, unless_disconnected
 
 router = APIRouter(tags=["chat"])
 
@@ -163,7 +163,7 @@ async def collect(
         return "".join(parts), finish
 
     try:
-        return await _unless_disconnected(request, run())
+        return await unless_disconnected(request, run())
     except ClientGone:
         generation.cancelled = True
         runtime.metrics.rejected.labels("chat", "client_gone").inc()

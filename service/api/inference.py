@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
@@ -36,9 +35,9 @@ from ..schemas import (
 )
 from ..settings import Settings
 from .deps import ReadyRuntimeDep
+from .disconnect import ClientGone, unless_disconnected
 
 router = APIRouter(tags=["inference"])
-T = TypeVar("T")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
@@ -72,10 +71,6 @@ CLASSIFY_BODY = {
         },
     }
 }
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
 
 
 @router.post(
@@ -124,7 +119,7 @@ async def _classify(
     )
     item = ClassifyItem(pixels, labels, template, adapter)
     try:
-        result = await _unless_disconnected(
+        result = await unless_disconnected(
             request, queue.submit(item, s.request_timeout_s)
         )
     except QueueFull as exc:
@@ -146,30 +141,6 @@ async def _classify(
         adapter=adapter.key if adapter is not None else None,
         labels=[LabelScore(label=labels[i], score=scores[i], logit=result.logits[i]) for i in ranked],
     )
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it (the queue drops it)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise ClientGone()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:  # the body was read already: the next message is the disconnect
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def _parse_classify(request: Request, s: Settings) -> tuple[ClassifyJSON, bytes]:
