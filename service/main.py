@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -11,7 +13,13 @@ from . import __version__
 from .api import admin, chat, inference, ops
 from .errors import install_error_handlers
 from .metrics import Metrics
-from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, load_api_keys
+from .middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    ReplicaHeaderMiddleware,
+    load_api_keys,
+)
 from .runtime import Runtime
 from .settings import Settings
 
@@ -61,4 +69,9 @@ def create_app(
     if api_keys is not None:  # before the body is read; inside metrics, so 401s are counted
         app.add_middleware(ApiKeyMiddleware, keys=api_keys)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(ReplicaHeaderMiddleware, replica_id=replica_id(settings))
     return app
+
+
+def replica_id(settings: Settings) -> str:
+    return settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"

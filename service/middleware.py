@@ -44,6 +44,27 @@ class MetricsMiddleware:
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
 
+class ReplicaHeaderMiddleware:
+    """Names the replica that answered in every HTTP response (``X-Promptswap-Replica``):
+    behind a load balancer this is how clients, logs and tests see where a request went."""
+
+    def __init__(self, app: ASGIApp, replica_id: str) -> None:
+        self.app = app
+        self.header = (b"x-promptswap-replica", replica_id.encode("ascii"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
 class BodyTooLarge(PayloadTooLarge):
     """Raised from ``receive`` mid-body; the app's ApiError handler answers it."""
 

@@ -109,6 +109,14 @@ class Settings(BaseSettings):
         "/healthz, /readyz and /metrics stay open. Off when unset.",
     )
 
+    replica_id: str | None = Field(
+        None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="This replica's name, sent as the X-Promptswap-Replica response header (which "
+        "replica answered, behind a load balancer). Unset: hostname-pid.",
+    )
+
     @field_validator("api_keys_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:

@@ -87,3 +87,25 @@ async def test_openapi_documents_both_classify_bodies(client):
     spec = (await client.get("/openapi.json")).json()
     content = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(content)
+
+
+async def test_every_answer_names_the_replica(make_settings, png):
+    from tests.conftest import running_app
+
+    async with running_app(make_settings(replica_id="gpu-7")) as (client, _):
+        for response in (
+            await client.get("/healthz"),
+            await client.get("/no/such/route"),
+            await client.post("/v1/classify", files={"image": ("a.png", png(1))}, data={"labels": ["a", "b"]}),
+            await client.post("/v1/classify", json={"labels": []}),  # an error answer too
+        ):
+            assert response.headers["x-promptswap-replica"] == "gpu-7"
+
+
+def test_replica_id_defaults_to_host_and_process(make_settings):
+    import os
+    import socket
+
+    from service.main import replica_id
+
+    assert replica_id(make_settings()) == f"{socket.gethostname()}-{os.getpid()}"
