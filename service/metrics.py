@@ -62,6 +62,11 @@ class Metrics:
             "promptswap_adapter_evictions_total", "Adapters evicted from the device cache",
             registry=r,
         )
+        self.adapter_load_oom = Counter(
+            "promptswap_adapter_load_oom_total",
+            "Adapter loads that hit device out-of-memory (then evict an idle adapter and retry)",
+            registry=r,
+        )
         self.adapter_device_bytes = Gauge(
             "promptswap_adapter_device_bytes", "Device bytes held by loaded adapters", registry=r
         )

@@ -20,6 +20,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 
 from adapters.errors import AdapterError
 from adapters.format import (
@@ -32,7 +33,7 @@ from adapters.format import (
     validate_for_backbone,
 )
 
-from .errors import ApiError, Conflict, NotFound, Unprocessable
+from .errors import ApiError, Conflict, NotFound, Unavailable, Unprocessable
 from .metrics import Metrics
 from .store import AdapterStore, StoredVersion
 
@@ -189,10 +190,9 @@ class AdapterRegistry:
         return await asyncio.shield(flight)
 
     async def _load(self, stored: StoredVersion) -> LoadedAdapter:
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            adapter = await loop.run_in_executor(self._io, self._read_and_place, stored)
+            adapter = await self._place_evicting(stored)
         except AdapterError as exc:
             if not stored.path.exists():  # deleted between resolving and reading it
                 raise _Vanished(stored.key) from None
@@ -204,6 +204,27 @@ class AdapterRegistry:
         self._loaded[adapter.key] = adapter
         self._evict_over_budget(keep=adapter.key)
         return adapter
+
+    async def _place_evicting(self, stored: StoredVersion) -> LoadedAdapter:
+        """Read and place; when the device is out of memory, evict the least recently used
+        idle adapter and try again, until none is left to evict: then 503."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return await loop.run_in_executor(self._io, self._read_and_place, stored)
+            except torch.OutOfMemoryError:
+                self._metrics.adapter_load_oom.inc()
+                victim = next((k for k, a in self._loaded.items() if a.pins == 0), None)
+                if victim is None:
+                    log.warning("device out of memory loading %s; nothing idle to evict", stored.key)
+                    raise Unavailable(
+                        f"the device has no memory left to load adapter {stored.key!r} while "
+                        "the adapters in use are busy; retry shortly",
+                        retry_after_s=2,
+                    ) from None
+                log.warning("device out of memory loading %s; evicting %s", stored.key, victim)
+                del self._loaded[victim]  # its tensors are freed once no batch holds them
+                self._metrics.adapter_evictions.inc()
 
     def _placement(self, adapter: Adapter) -> Placement:
         placement = self.placements.get(adapter.manifest.method)
