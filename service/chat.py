@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from .admission import ArrivalGate, Place
 from .batching import Closed, Expired, QueueFull
 from .errors import (
     BadRequest,
@@ -96,15 +97,25 @@ def conversation_chars(conversation: list[dict[str, Any]]) -> int:
     return sum(len(p.get("text", "")) for m in conversation for p in m["content"])
 
 
-async def start(runtime: Runtime, call: ChatCall) -> tuple[GenRequest, LoadedAdapter | None]:
-    """Check bounds, prepare the prompt off the loop and admit the request.
+def require_llava(runtime: Runtime) -> ArrivalGate:
+    """The chat arrival gate; 503 when this service runs no LLaVA backbone."""
+    if runtime.llava is None or runtime.chat_gate is None:
+        raise Unavailable("this service runs no LLaVA backbone (start it with --llava-model)", 3600)
+    return runtime.chat_gate
+
+
+async def start(
+    runtime: Runtime, call: ChatCall, place: Place
+) -> tuple[GenRequest, LoadedAdapter | None]:
+    """Check bounds, prepare the prompt off the loop and admit the request; ``place`` (its
+    place at the arrival gate) is given back once it is queued.
 
     The caller owns the returned adapter pin: release it when the request ends.
     """
     s = runtime.settings
+    require_llava(runtime)
     engine = runtime.chat_engine
-    if runtime.llava is None or engine is None:
-        raise Unavailable("this service runs no LLaVA backbone (start it with --llava-model)", 3600)
+    assert engine is not None
     max_tokens = call.max_tokens if call.max_tokens is not None else min(256, s.max_new_tokens)
     if not 1 <= max_tokens <= s.max_new_tokens:
         raise Unprocessable(f"max_tokens must be between 1 and {s.max_new_tokens}")
@@ -114,9 +125,6 @@ async def start(runtime: Runtime, call: ChatCall) -> tuple[GenRequest, LoadedAda
         raise Unprocessable(f"the messages are over {s.max_prompt_chars} characters")
     if len(call.stop) > 4 or any(not stop or len(stop) > 64 for stop in call.stop):
         raise Unprocessable("stop: at most 4 non-empty strings of at most 64 characters")
-    if engine.depth >= engine.max_queue:  # refuse before decoding and tokenizing
-        runtime.metrics.rejected.labels("chat", "queue_full").inc()
-        raise Overloaded(f"server busy: {engine.depth} chat requests waiting", retry_after_s=2)
     adapter = await runtime.acquire_adapter(call.adapter, method="m2pt")
     try:
         llava = runtime.llava
@@ -135,6 +143,7 @@ async def start(runtime: Runtime, call: ChatCall) -> tuple[GenRequest, LoadedAda
             seed=call.seed, stop=call.stop, adapter=adapter,
             deadline=loop.time() + s.chat_timeout_s,
         )
+        place.release()  # queued from here on: the engine's bound counts it
         try:
             engine.submit(request)
         except QueueFull as exc:

@@ -17,14 +17,15 @@ from adapters.format import clip_fingerprint
 from adapters.m2pt import llava_fingerprint
 from adapters.prompted_llava import prefix_kv
 
+from .admission import ArrivalGate
 from .backbones.clip import ClipBackbone
 from .backbones.llava import LlavaBackbone
 from .batching import BatchQueue, BatchStats
 from .classify import ClassifyHandler, ClassifyItem, ClassifyResult
 from .errors import NotFound
 from .generation import GenerationEngine
-from .registry import AdapterRegistry, LoadedAdapter, Placement
 from .metrics import Metrics
+from .registry import AdapterRegistry, LoadedAdapter, Placement
 from .settings import Settings
 from .store import AdapterStore
 from .text_cache import TextCache
@@ -65,9 +66,11 @@ class Runtime:
         self.clip: ClipBackbone | None = None
         self.classify_handler: ClassifyHandler | None = None
         self.classify_queue: BatchQueue[ClassifyItem, ClassifyResult] | None = None
+        self.classify_gate: ArrivalGate | None = None
         self.registry: AdapterRegistry | None = None
         self.llava: LlavaBackbone | None = None
         self.chat_engine: GenerationEngine | None = None
+        self.chat_gate: ArrivalGate | None = None
         self.text_cache = TextCache(
             settings.text_cache_entries,
             on_hit=metrics.text_cache_hits.inc,
@@ -118,13 +121,14 @@ class Runtime:
                 self.model_executor, ClipBackbone.load, s.clip_model, s.device, s.dtype
             )
             self.classify_handler = ClassifyHandler(self.clip, self.text_cache)
-            self.classify_queue = self._queue("classify", self.classify_handler)
+            self.classify_queue = queue = self._queue("classify", self.classify_handler)
+            self.classify_gate = ArrivalGate(s.max_queue, lambda: queue.depth)
             placements["maple"] = maple_placement(self.clip)
         if s.llava_model:
             self.llava = await loop.run_in_executor(
                 self.model_executor, LlavaBackbone.load, s.llava_model, s.device, s.dtype
             )
-            self.chat_engine = GenerationEngine(
+            self.chat_engine = engine = GenerationEngine(
                 self.llava,
                 executor=self.model_executor,
                 max_batch_size=s.chat_max_batch_size,
@@ -133,6 +137,7 @@ class Runtime:
             )
             self.metrics.queue_depth.labels("chat").set_function(lambda: self.chat_engine.depth)
             self.chat_engine.start()
+            self.chat_gate = ArrivalGate(s.chat_max_queue, lambda: engine.depth)
             placements["m2pt"] = m2pt_placement(self.llava)
         self.registry = AdapterRegistry(
             AdapterStore(s.adapter_dir),

@@ -46,3 +46,53 @@ async def test_burst_past_the_queue_gets_fast_429s_and_recovery_is_immediate(mak
         )
         assert rejected == burst
         assert gate.seen == [1] * (max_queue + 2)
+
+
+async def test_refusals_come_before_the_body_is_read(make_settings, monkeypatch):
+    """Requests still reading their bodies hold places: with the queue plus the arriving
+    requests at capacity, the next one is refused without reading a byte of its body."""
+    gate = Gate(monkeypatch)
+    settings = make_settings(max_queue=2, max_batch_size=1, max_wait_ms=0)
+    async with running_app(settings) as (client, app):
+        image = encode(make_image(0))
+        first = asyncio.ensure_future(client.post("/v1/classify", **form(image, ["cat"])))
+        await gate.wait_entered()  # the model holds the first; the queue is empty
+        request = client.build_request("POST", "http://test/v1/classify", **form(image, ["dog"]))
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/v1/classify", "raw_path": b"/v1/classify", "query_string": b"",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+            "client": ("127.0.0.1", 1), "server": ("test", 80), "root_path": "",
+        }
+
+        def slow_upload(reads: list[int], body_arrives: asyncio.Event):
+            async def receive():
+                reads.append(1)
+                await body_arrives.wait()  # a client still sending its body
+                return {"type": "http.request", "body": request.read(), "more_body": False}
+            return receive
+
+        async def ignore(message):
+            pass
+
+        arriving = app.state.runtime.classify_gate
+        bodies = asyncio.Event()
+        slow = [asyncio.ensure_future(app(scope, slow_upload([], bodies), ignore)) for _ in range(2)]
+        while arriving.arriving < 2:  # both hold a place while their bodies trickle in
+            await asyncio.sleep(0)
+
+        reads: list[int] = []
+        sent: list[dict] = []
+
+        async def record(message):
+            sent.append(message)
+
+        await app(scope, slow_upload(reads, asyncio.Event()), record)
+        assert sent[0]["status"] == 429 and reads == []  # refused; its body never read
+        assert (b"retry-after", b"1") in sent[0]["headers"]
+        bodies.set()
+        await asyncio.gather(*slow)
+        gate.release.set()
+        assert (await first).status_code == 200
+        assert arriving.arriving == 0
+        assert (await client.post("/v1/classify", **form(image, ["cat"]))).status_code == 200

@@ -16,14 +16,21 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from .. import chat
-from ..errors import ApiError, BadRequest, NotFound, UnsupportedMediaType, Unprocessable, error_body
+from ..errors import (
+    ApiError,
+    BadRequest,
+    NotFound,
+    Unprocessable,
+    UnsupportedMediaType,
+    error_body,
+)
 from ..generation import GenRequest
 from ..images import decode_base64_image
 from ..registry import LoadedAdapter
 from ..runtime import Runtime
-from ..settings import Settings
 from ..schemas import ErrorBody, inline_schema
-from .deps import ReadyRuntimeDep
+from ..settings import Settings
+from .deps import ReadyRuntimeDep, admitted
 from .disconnect import ClientGone, unless_disconnected
 
 router = APIRouter(tags=["chat"])
@@ -127,8 +134,9 @@ def validated_json(model: type[BaseModel], raw: bytes) -> Any:
     }}})
 async def chat_route(request: Request, runtime: ReadyRuntimeDep) -> Any:
     """Answer an instruction about one image, with an optional M2PT adapter."""
-    call = await parse_chat_body(request, runtime.settings)
-    generation, adapter = await chat.start(runtime, call)
+    with admitted(chat.require_llava(runtime), runtime, "chat", retry_after_s=2) as place:
+        call = await parse_chat_body(request, runtime.settings)
+        generation, adapter = await chat.start(runtime, call, place)
     model = runtime.llava.model_id  # type: ignore[union-attr]
     rid = f"chat-{uuid.uuid4().hex[:24]}"
     key = adapter.key if adapter else None
@@ -253,14 +261,17 @@ async def chat_completions(request: Request, runtime: ReadyRuntimeDep) -> Any:
     """OpenAI's chat completions: messages with text and data: URL image parts."""
     if not request.headers.get("content-type", "").lower().startswith("application/json"):
         raise UnsupportedMediaType("send application/json")
-    body: CompletionRequest = validated_json(CompletionRequest, await request.body())
-    conversation, image = chat.openai_conversation(body.messages, runtime.settings.max_body_bytes)
-    call = chat.ChatCall(
-        conversation=conversation, image=image, adapter=resolve_model(runtime, body.model),
-        max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
-        top_p=body.top_p, seed=body.seed, stop=stops(body.stop),
-    )
-    generation, adapter = await chat.start(runtime, call)
+    with admitted(chat.require_llava(runtime), runtime, "chat", retry_after_s=2) as place:
+        body: CompletionRequest = validated_json(CompletionRequest, await request.body())
+        conversation, image = chat.openai_conversation(
+            body.messages, runtime.settings.max_body_bytes
+        )
+        call = chat.ChatCall(
+            conversation=conversation, image=image, adapter=resolve_model(runtime, body.model),
+            max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+            top_p=body.top_p, seed=body.seed, stop=stops(body.stop),
+        )
+        generation, adapter = await chat.start(runtime, call, place)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     model = body.model

@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ..errors import Unavailable
+from ..admission import ArrivalGate, NoPlace, Place
+from ..errors import Overloaded, Unavailable
 from ..runtime import Runtime
 
 
@@ -26,3 +27,12 @@ def get_ready_runtime(request: Request) -> Runtime:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ReadyRuntimeDep = Annotated[Runtime, Depends(get_ready_runtime)]
+
+
+def admitted(gate: ArrivalGate, runtime: Runtime, queue: str, retry_after_s: int = 1) -> Place:
+    """A place at ``gate`` for this request, else 429 before its body is read."""
+    try:
+        return gate.enter()
+    except NoPlace as exc:
+        runtime.metrics.rejected.labels(queue, "queue_full").inc()
+        raise Overloaded(f"server busy: {exc}", retry_after_s=retry_after_s) from None

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from ..admission import Place
 from ..batching import Closed, Expired, QueueFull
 from ..classify import ClassifyItem
 from ..errors import (
@@ -19,8 +20,8 @@ from ..errors import (
     DeadlineExceeded,
     Overloaded,
     Unavailable,
-    UnsupportedMediaType,
     Unprocessable,
+    UnsupportedMediaType,
 )
 from ..images import decode_base64_image, decode_image
 from ..registry import LoadedAdapter
@@ -34,7 +35,7 @@ from ..schemas import (
     inline_schema,
 )
 from ..settings import Settings
-from .deps import ReadyRuntimeDep
+from .deps import ReadyRuntimeDep, admitted
 from .disconnect import ClientGone, unless_disconnected
 
 router = APIRouter(tags=["inference"])
@@ -82,24 +83,28 @@ CLASSIFY_BODY = {
 async def classify(request: Request, runtime: ReadyRuntimeDep) -> Any:
     """Classify one image against a label set, zero-shot or with a prompt adapter."""
     s = runtime.settings
-    body, image_bytes = await _parse_classify(request, s)
-    labels = _check_labels(body.labels, s)
-    template = _check_template(body.template, s)
-    top_k = min(body.top_k or len(labels), len(labels))
-    if runtime.clip is None or runtime.classify_queue is None:
+    if runtime.clip is None or runtime.classify_gate is None:
         raise Unavailable("this service runs no CLIP backbone", retry_after_s=3600)
-    adapter = await runtime.acquire_adapter(body.adapter, method="maple")
-    try:
-        # An adapter is used with the template it was trained with unless told otherwise.
-        template = template or (adapter.template if adapter else None) or DEFAULT_TEMPLATE
-        return await _classify(request, runtime, image_bytes, labels, template, top_k, adapter)
-    finally:
-        runtime.release_adapter(adapter)
+    with admitted(runtime.classify_gate, runtime, "classify") as place:  # before the body is read
+        body, image_bytes = await _parse_classify(request, s)
+        labels = _check_labels(body.labels, s)
+        template = _check_template(body.template, s)
+        top_k = min(body.top_k or len(labels), len(labels))
+        adapter = await runtime.acquire_adapter(body.adapter, method="maple")
+        try:
+            # An adapter is used with the template it was trained with unless told otherwise.
+            template = template or (adapter.template if adapter else None) or DEFAULT_TEMPLATE
+            return await _classify(
+                request, runtime, place, image_bytes, labels, template, top_k, adapter
+            )
+        finally:
+            runtime.release_adapter(adapter)
 
 
 async def _classify(
     request: Request,
     runtime: Runtime,
+    place: Place,
     image_bytes: bytes,
     labels: list[str],
     template: str,
@@ -108,9 +113,6 @@ async def _classify(
 ) -> Any:
     s = runtime.settings
     queue = runtime.classify_queue
-    if queue.is_overloaded():  # refuse before spending decode time on a request that can't queue
-        runtime.metrics.rejected.labels("classify", "queue_full").inc()
-        raise Overloaded(f"server busy: {queue.depth} requests already queued", retry_after_s=1)
     loop = asyncio.get_running_loop()
     clip = runtime.clip
     pixels = await loop.run_in_executor(
@@ -118,6 +120,7 @@ async def _classify(
         lambda: clip.preprocess(decode_image(image_bytes, max_pixels=s.max_image_pixels)),
     )
     item = ClassifyItem(pixels, labels, template, adapter)
+    place.release()  # queued from here on: the queue's bound counts it
     try:
         result = await unless_disconnected(
             request, queue.submit(item, s.request_timeout_s)
