@@ -4,9 +4,11 @@ Layout: ``<root>/<name>/<version>.safetensors`` (version 1, 2, ...). A write goe
 ``<root>/.tmp/``, is fsynced, then hard-linked to its final name, which fails if that
 name exists: two writers (two replicas on one shared volume) can never overwrite each
 other's version, and no reader ever sees a half-written file. A failed write leaves the
-store as it was. Version numbers are never reused, even after deletes: ``<name>/.latest``
-keeps the highest version ever written, so ``name@3`` always means one content. Names are checked against ``[a-z0-9][a-z0-9._-]{0,63}`` before any
-path is built, so no name can leave the root.
+store as it was. Version numbers are never reused, even after deletes or by two writers at
+once: a writer first claims its number by creating ``<name>/.claimed/<version>`` with
+O_EXCL (atomic on one host and on NFSv3+), and a claim outlives its file, so ``name@3``
+always means one content. Names are checked against ``[a-z0-9][a-z0-9._-]{0,63}`` before
+any path is built, so no name can leave the root.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +25,9 @@ from pathlib import Path
 from adapters.format import check_name
 
 SUFFIX = ".safetensors"
-HIGH_WATER = ".latest"
+CLAIMED = ".claimed"
+LEGACY_HIGH_WATER = ".latest"  # stores written before claims: its number is a floor
+STALE_TEMP_S = 3600.0  # a temp file this old belongs to a writer that died
 _VERSION_FILE = re.compile(r"([1-9][0-9]{0,8})\.safetensors")
 
 
@@ -44,6 +49,12 @@ class StoredVersion:
         return f"{self.name}@{self.version}"
 
 
+def _raise_if_full(exc: OSError) -> None:
+    """A full disk or quota becomes ``StoreFull`` (the API's 507)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StoreFull(exc.errno, "no space left for the adapter store") from exc
+
+
 def _stored(name: str, version: int, path: Path, st: os.stat_result) -> StoredVersion:
     return StoredVersion(
         name, version, path, st.st_size, st.st_mtime, (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -55,6 +66,18 @@ class AdapterStore:
         self.root = Path(root)
         self.tmp = self.root / ".tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps()
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files left by writers killed mid-upload (fresh ones may be another
+        replica's upload in progress)."""
+        now = time.time()
+        for entry in os.scandir(self.tmp):
+            try:
+                if now - entry.stat().st_mtime > STALE_TEMP_S:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
 
     def names(self) -> list[str]:
         out = []
@@ -95,34 +118,37 @@ class AdapterStore:
         """Store the next version of ``name``; ``encode(version)`` gives the file's bytes."""
         directory = self.root / check_name(name)
         created = not directory.exists()
+        claim: Path | None = None
+        final: Path | None = None
         try:
-            while True:
-                current = self.versions(name)
-                highest = max([v.version for v in current] + [self._high_water(directory)])
-                version = highest + 1
-                data = encode(version)
-                tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-                try:
-                    self._write_synced(tmp, data)
-                    final = directory / f"{version}{SUFFIX}"
-                    directory.mkdir(exist_ok=True)
+            claim = self._claim_version(directory)
+            version = int(claim.name)
+            data = encode(version)
+            tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+            try:
+                self._write_synced(tmp, data)
+                final = directory / f"{version}{SUFFIX}"
+                os.link(tmp, final)  # atomic; the claim makes the name ours alone
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._fsync_dir(directory)
+            self._fsync_dir(claim.parent)  # the claim outlives a later delete of the file
+            return _stored(name, version, final, final.stat())
+        except BaseException as exc:
+            if final is not None:
+                # Linked but not durable: take it back. A reader may have seen it already,
+                # so its number stays spent (the claim is kept).
+                final.unlink(missing_ok=True)
+            elif claim is not None:
+                claim.unlink(missing_ok=True)  # nothing was stored under it: give it back
+            if created:  # leave no empty directories (only when empty: others' versions stay)
+                for empty in (directory / CLAIMED, directory):
                     try:
-                        os.link(tmp, final)  # atomic, never overwrites
-                    except FileExistsError:
-                        continue  # another writer took this version: take the next
-                    except FileNotFoundError:
-                        continue  # a failed writer removed the empty directory: make it again
-                    self._set_high_water(directory, version)
-                    self._fsync_dir(directory)
-                    return _stored(name, version, final, final.stat())
-                finally:
-                    tmp.unlink(missing_ok=True)
-        except BaseException:
-            if created:  # a failed first upload leaves no empty name directory behind
-                try:
-                    directory.rmdir()  # only when empty: another writer's version stays
-                except OSError:
-                    pass
+                        empty.rmdir()
+                    except OSError:
+                        pass
+            if isinstance(exc, OSError):
+                _raise_if_full(exc)
             raise
 
     def delete(self, name: str, version: int | None = None) -> list[StoredVersion]:
@@ -141,19 +167,34 @@ class AdapterStore:
                 pass
         return doomed
 
+    def _claim_version(self, directory: Path) -> Path:
+        """The next version number of a name, claimed for this writer alone.
+
+        Taken with O_EXCL, so two writers, here or on another replica, never share one. A
+        claim outlives its file (a deleted version's number is never given again); only a
+        write that stored nothing gives its claim back.
+        """
+        claims = directory / CLAIMED
+        while True:
+            claims.mkdir(parents=True, exist_ok=True)
+            taken = [int(n) for n in os.listdir(claims) if n.isdigit()]
+            stored = [v.version for v in self.versions(directory.name)]
+            version = max([0, *taken, *stored, self._legacy_high_water(directory)]) + 1
+            claim = claims / str(version)
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue  # another writer claimed it first: take the next
+            except FileNotFoundError:
+                continue  # a failed first upload removed the directory: make it again
+            return claim
+
     @staticmethod
-    def _high_water(directory: Path) -> int:
+    def _legacy_high_water(directory: Path) -> int:
         try:
-            return int((directory / HIGH_WATER).read_text().strip() or 0)
+            return int((directory / LEGACY_HIGH_WATER).read_text().strip() or 0)
         except (FileNotFoundError, ValueError):
             return 0
-
-    def _set_high_water(self, directory: Path, version: int) -> None:
-        if version <= self._high_water(directory):
-            return
-        tmp = self.tmp / f"{uuid.uuid4().hex}.latest"
-        tmp.write_text(str(version))
-        os.replace(tmp, directory / HIGH_WATER)  # atomic: readers see the old or the new number
 
     @staticmethod
     def _write_synced(path: Path, data: bytes) -> None:
@@ -162,10 +203,8 @@ class AdapterStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as exc:
+        except OSError:
             path.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(exc.errno, "no space left for the adapter store") from exc
             raise
 
     @staticmethod
