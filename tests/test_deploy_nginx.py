@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -622,6 +623,10 @@ def test_dockerfile_builds_a_non_root_image_with_a_torch_build_argument():
     assert any(op == "RUN" and "download.pytorch.org/whl/${TORCH_INDEX}" in a and "torch==${TORCH_VERSION}" in a
                for op, a in steps)
     assert f"torch=={args['TORCH_VERSION']}" in (ROOT / ".ci" / "run").read_text()
+    # The Ray image is the same file with the project's own "ray" extra.
+    assert args["EXTRAS"] == '""' and "optional-dependencies" in next(a for op, a in steps if "EXTRAS" in a and op == "RUN")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("ray[serve]") for d in extras["ray"])
 
     users = [a for op, a in final if op == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}
