@@ -1,14 +1,18 @@
-"""The ``promptswap`` command: ``serve`` and the ``adapters`` tools.
+"""The ``promptswap`` command: ``serve``, ``serve-ray`` and the ``adapters`` tools.
 
 ``serve``'s options are generated from ``Settings``, so every option is also an
-environment variable and ``--help`` always shows the real defaults.
+environment variable and ``--help`` always shows the real defaults. ``serve-ray`` takes
+the same options plus Ray's; Ray is imported only when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
@@ -57,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_settings_options(serve)
+    serve_ray = commands.add_parser(
+        "serve-ray",
+        help="serve as replicas of a Ray Serve application (pip install 'promptswap[ray]')",
+        description="Serve the same app as `serve`, as replicas of a Ray Serve application "
+        "behind Serve's HTTP proxy on --host/--port. Requests naming an adapter in the "
+        "serve_multiplexed_model_id header go to replicas already serving it. Runs until "
+        "SIGINT/SIGTERM, then removes the application (and the Ray instance it started).",
+    )
+    add_settings_options(serve_ray)
+    add_ray_options(serve_ray.add_argument_group("Ray"))
     try:
         from adapters import cli as adapters_cli
     except ImportError:  # the adapters tools are optional for serving
@@ -105,11 +119,163 @@ def serve(overrides: dict[str, Any]) -> int:
     return 0
 
 
+RAY_OPTIONS = (
+    "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "ray_address",
+    "num_cpus_per_replica", "num_gpus_per_replica", "max_adapters_per_replica",
+    "max_ongoing_requests",
+)
+
+
+def add_ray_options(group: argparse._ArgumentGroup) -> None:
+    """``serve-ray``'s own options (none is a Settings field)."""
+    group.add_argument(
+        "--replicas", type=int, default=1, help="Replicas, each with its own models. Default: 1."
+    )
+    group.add_argument(
+        "--max-replicas", type=int, default=None,
+        help="Autoscale between --min-replicas and this many instead of running --replicas. "
+        "Default: (unset, no autoscaling).",
+    )
+    group.add_argument(
+        "--min-replicas", type=int, default=1, help="Fewest replicas when autoscaling. Default: 1."
+    )
+    group.add_argument(
+        "--target-ongoing-requests", type=float, default=None,
+        help="Autoscaling target: requests in progress per replica. Default: --max-batch-size "
+        "(one full batch each).",
+    )
+    group.add_argument(
+        "--ray-address", default=None,
+        help="Ray cluster to join ('auto', 'HOST:6379', 'ray://HOST:10001'). Default: "
+        "$RAY_ADDRESS, else a new local Ray instance, stopped on exit.",
+    )
+    group.add_argument(
+        "--num-cpus-per-replica", type=float, default=1.0,
+        help="CPUs Ray reserves per replica. Default: 1.",
+    )
+    group.add_argument(
+        "--num-gpus-per-replica", type=float, default=0.0,
+        help="GPUs Ray reserves per replica; 1 on a GPU cluster (each replica holds its own "
+        "backbone). Default: 0.",
+    )
+    group.add_argument(
+        "--max-adapters-per-replica", type=int, default=None,
+        help="Adapter ids one replica advertises to Serve's router (LRU). Default: "
+        "--adapter-cache-bytes / --max-adapter-bytes, within 1..64.",
+    )
+    group.add_argument(
+        "--max-ongoing-requests", type=int, default=None,
+        help="Requests Serve lets one replica hold at once. Default: 2 x --max-batch-size, "
+        "at most --max-queue.",
+    )
+
+
+def _ray_deployment_options(ray_args: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    if ray_args["max_replicas"] is not None:
+        if not 0 <= ray_args["min_replicas"] <= ray_args["max_replicas"] or ray_args["max_replicas"] < 1:
+            raise ValueError("need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1")
+        scaling = {
+            "min_replicas": ray_args["min_replicas"],
+            "max_replicas": ray_args["max_replicas"],
+            "target_ongoing_requests": ray_args["target_ongoing_requests"] or settings.max_batch_size,
+        }
+        options: dict[str, Any] = {"autoscaling_config": scaling}
+    elif ray_args["replicas"] < 1:
+        raise ValueError("--replicas must be at least 1")
+    else:
+        options = {"num_replicas": ray_args["replicas"]}
+    options["ray_actor_options"] = {
+        "num_cpus": ray_args["num_cpus_per_replica"],
+        "num_gpus": ray_args["num_gpus_per_replica"],
+    }
+    if ray_args["max_ongoing_requests"] is not None:
+        options["max_ongoing_requests"] = ray_args["max_ongoing_requests"]
+    # The replicas log at --log-level too (Serve's own replica logger).
+    options["logging_config"] = {"log_level": settings.log_level.upper()}
+    return options
+
+
+def serve_ray(args: dict[str, Any]) -> int:
+    ray_args = {name: args.pop(name) for name in RAY_OPTIONS}
+    try:
+        settings = Settings(**args)  # the CLI over this process's environment, as `serve`
+    except ValidationError as exc:
+        print(f"promptswap: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        options = _ray_deployment_options(ray_args, settings)
+    except ValueError as exc:
+        print(f"promptswap: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import ray
+        from ray import serve as ray_serve
+
+        from .ray_serve import APP_NAME, make_app
+    except ImportError as exc:
+        print(
+            f"promptswap: serve-ray needs Ray Serve ({exc}); install it with: "
+            "pip install 'promptswap[ray]'",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        app = make_app(settings, max_adapters=ray_args["max_adapters_per_replica"], **options)
+    except (TypeError, ValueError) as exc:  # e.g. a Ray option Serve refuses
+        print(f"promptswap: {exc}", file=sys.stderr)
+        return 2
+    address = ray_args["ray_address"] or os.environ.get("RAY_ADDRESS") or "local"
+    owned = address == "local"  # started here, so stopped here
+    try:
+        ray.init(address=address)
+    except Exception as exc:  # noqa: BLE001 - unreachable cluster, bad address: say so, no traceback
+        print(f"promptswap: cannot start or join Ray at {address!r}: {exc}", file=sys.stderr)
+        return 1
+    # After ray.init: Ray's core worker installs a crash handler for SIGTERM that aborts
+    # the process; ours replaces it, so SIGTERM stops as cleanly as SIGINT.
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        ray_serve.start(http_options={"host": settings.host, "port": settings.port})
+        try:
+            ray_serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # the replicas could not start (e.g. models failed to load)
+            print(f"promptswap: start-up failed: {exc}", file=sys.stderr)
+            status = 1
+        else:
+            print(
+                f"promptswap: serving on http://{settings.host}:{settings.port} through Ray Serve "
+                f"(application {APP_NAME!r}); Ctrl-C or SIGTERM stops it",
+                file=sys.stderr,
+                flush=True,
+            )
+            while not stop.wait(0.5):
+                pass
+    finally:
+        # Graceful: Serve stops routing and lets each replica drain (its lifespan shutdown).
+        try:
+            if owned:
+                ray_serve.shutdown()
+            else:
+                ray_serve.delete(APP_NAME)  # other applications on the cluster keep running
+        finally:
+            ray.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     if command == "serve":
         return serve(args)
+    if command == "serve-ray":
+        return serve_ray(args)
     handler = args.pop("func", None)  # set by each `adapters` subcommand
     if handler is None:
         print(f"promptswap: unknown command {command}", file=sys.stderr)
