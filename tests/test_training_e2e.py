@@ -44,7 +44,8 @@ async def test_digits_adapter_beats_zero_shot_and_serves_its_own_predictions(
           f"({result.steps} steps, {result.seconds:.1f} s, {len(result.held_out)} held out)")  # fmt: skip
     assert result.accuracy - result.zero_shot_accuracy >= 0.30
 
-    async with running_app(make_settings(admin_token=TOKEN)) as (client, _):
+    # All 332 held-out images at once: the queue must admit them all (arriving ones count).
+    async with running_app(make_settings(admin_token=TOKEN, max_queue=1024)) as (client, _):
         answer = await upload_adapter(result.adapter, "http://test", TOKEN, client=client)
         assert answer["key"] == "digits@1"
 
