@@ -100,6 +100,8 @@ async def test_every_answer_names_the_replica(make_settings, png):
             await client.post("/v1/classify", json={"labels": []}),  # an error answer too
         ):
             assert response.headers["x-promptswap-replica"] == "gpu-7"
+            name, duration = response.headers["server-timing"].split(";dur=")
+            assert name == "app" and 0 <= float(duration) < 60_000
 
 
 def test_replica_id_defaults_to_host_and_process(make_settings):
