@@ -509,40 +509,37 @@ def validate_for_backbone(adapter: Adapter, fingerprint: Mapping[str, Any]) -> N
             )  # fmt: skip
     f = adapter.folded
     if isinstance(f, FoldedM2pt):
-        _check_m2pt_folded(adapter.name, f, fingerprint)
+        _check_fits(
+            adapter.name, fingerprint, "tensors",
+            widths=(("vision_width", f.vision_width), ("text_width", f.text_width),
+                    ("projector_in", f.projector_in)),
+            depths=(("vision_layers", f.vision_depth), ("text_layers", f.text_depth)),
+        )  # fmt: skip
         return
-    checks = (
-        ("text_width", fingerprint.get("text_width"), f.text_width),
-        ("vision_width", fingerprint.get("vision_width"), f.vision_width),
-    )
-    for key, expected, got in checks:
-        if expected != got:
-            raise AdapterMismatch(
-                f"adapter '{adapter.name}' prompts have {key} {got}, the backbone has {expected}",
-                field=key, expected=expected, got=got,
-            )  # fmt: skip
-    for key in ("text_layers", "vision_layers"):
-        layers = fingerprint.get(key)
-        if not isinstance(layers, int) or f.depth > layers:
-            raise AdapterMismatch(
-                f"adapter '{adapter.name}' prompt depth {f.depth} exceeds the backbone's {key} {layers}",
-                field=key, expected=layers, got=f.depth,
-            )  # fmt: skip
+    _check_fits(
+        adapter.name, fingerprint, "prompts",
+        widths=(("text_width", f.text_width), ("vision_width", f.vision_width)),
+        depths=(("text_layers", f.depth), ("vision_layers", f.depth)),
+    )  # fmt: skip
 
 
-def _check_m2pt_folded(name: str, f: FoldedM2pt, fingerprint: Mapping[str, Any]) -> None:
-    checks = (
-        ("vision_width", fingerprint.get("vision_width"), f.vision_width),
-        ("text_width", fingerprint.get("text_width"), f.text_width),
-        ("projector_in", fingerprint.get("projector_in"), f.projector_in),
-    )
-    for key, expected, got in checks:
+def _check_fits(
+    name: str,
+    fingerprint: Mapping[str, Any],
+    what: str,
+    *,
+    widths: tuple[tuple[str, int], ...],
+    depths: tuple[tuple[str, int], ...],
+) -> None:
+    """Each width must equal the backbone's; each prompt depth must fit its layer count."""
+    for key, got in widths:
+        expected = fingerprint.get(key)
         if expected != got:
             raise AdapterMismatch(
-                f"adapter '{name}' tensors have {key} {got}, the backbone has {expected}",
+                f"adapter '{name}' {what} have {key} {got}, the backbone has {expected}",
                 field=key, expected=expected, got=got,
             )  # fmt: skip
-    for key, depth in (("vision_layers", f.vision_depth), ("text_layers", f.text_depth)):
+    for key, depth in depths:
         layers = fingerprint.get(key)
         if not isinstance(layers, int) or depth > layers:
             raise AdapterMismatch(
