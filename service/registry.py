@@ -223,8 +223,7 @@ class AdapterRegistry:
                         retry_after_s=2,
                     ) from None
                 log.warning("device out of memory loading %s; evicting %s", stored.key, victim)
-                del self._loaded[victim]  # its tensors are freed once no batch holds them
-                self._metrics.adapter_evictions.inc()
+                self._evict(victim)
 
     def _placement(self, adapter: Adapter) -> Placement:
         placement = self.placements.get(adapter.manifest.method)
@@ -246,6 +245,11 @@ class AdapterRegistry:
             stored.name, stored.version, parsed.manifest, folded, nbytes, stored.file_id, extras
         )
 
+    def _evict(self, key: str) -> None:
+        """Drop ``key`` from the device cache; its tensors are freed once no batch holds them."""
+        if self._loaded.pop(key, None) is not None:
+            self._metrics.adapter_evictions.inc()
+
     def _evict_over_budget(self, keep: str | None = None) -> None:
         for key in list(self._loaded):
             if self.device_bytes <= self.cache_bytes:
@@ -253,8 +257,7 @@ class AdapterRegistry:
             adapter = self._loaded[key]
             if adapter.pins > 0 or key == keep:
                 continue  # in use: evicted once released
-            del self._loaded[key]
-            self._metrics.adapter_evictions.inc()
+            self._evict(key)
 
     # ------------------------------------------------------------------ admin
 
@@ -278,8 +281,7 @@ class AdapterRegistry:
     def forget(self, removed: list[StoredVersion]) -> None:
         """Drop deleted versions from the device cache (in-flight requests keep theirs)."""
         for stored in removed:
-            if self._loaded.pop(stored.key, None) is not None:
-                self._metrics.adapter_evictions.inc()
+            self._evict(stored.key)
             self._manifests.pop(stored.file_id, None)
             if self._on_forget is not None:
                 self._on_forget(stored.key)
