@@ -15,9 +15,9 @@ from pathlib import Path
 
 from service.backbones.clip import ClipBackbone
 from service.metrics import Metrics
-from service.registry import AdapterRegistry
+from service.registry.adapter_registry import AdapterRegistry
 from service.runtime import maple_placement
-from service.store import AdapterStore
+from service.registry.store import AdapterStore
 
 from .adapter_files import adapter_bytes
 

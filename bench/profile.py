@@ -74,7 +74,7 @@ def draft_decode(data: bytes, size: int) -> Image.Image:
 
 def stage_times(model_dir: str, dtype: str) -> dict:
     from service.backbones.clip import ClipBackbone
-    from service.images import decode_image
+    from service.http.images import decode_image
 
     clip = ClipBackbone.load(model_dir, "cpu", dtype)
     datas = [d for _, d in photos()]

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from .settings import Settings
+from service.settings import Settings
 
 
 def _option_type(annotation: Any) -> Any:
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(overrides: dict[str, Any]) -> int:
     import uvicorn
 
-    from .main import create_app
+    from service.main import create_app
 
     try:
         settings = Settings(**overrides)
@@ -211,7 +211,7 @@ def serve_ray(args: dict[str, Any]) -> int:
         import ray
         from ray import serve as ray_serve
 
-        from .ray_serve import APP_NAME, make_app
+        from service.ray_serve import APP_NAME, make_app
     except ImportError as exc:
         print(
             f"promptswap: serve-ray needs Ray Serve ({exc}); install it with: "

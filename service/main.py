@@ -9,19 +9,22 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import __version__
-from .api import admin, chat, inference, ops
-from .errors import install_error_handlers
-from .metrics import Metrics
-from .middleware import (
+from service import __version__
+from service.chat import routes as chat_routes
+from service.classify import routes as classify_routes
+from service.http import ops
+from service.registry import admin
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.http.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     MetricsMiddleware,
     ReplicaHeaderMiddleware,
     load_api_keys,
 )
-from .runtime import Runtime
-from .settings import Settings
+from service.runtime import Runtime
+from service.settings import Settings
 
 
 def create_app(
@@ -55,8 +58,8 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.include_router(inference.router)
-    app.include_router(chat.router)
+    app.include_router(classify_routes.router)
+    app.include_router(chat_routes.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
     # Outermost last: metrics see every answer, including the body bound's 413.

@@ -35,10 +35,10 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import ApiError
-from .main import create_app
-from .registry import parse_ref
-from .settings import Settings
+from service.errors import ApiError
+from service.main import create_app
+from service.registry.adapter_registry import parse_ref
+from service.settings import Settings
 
 APP_NAME = "promptswap"  # the application name `serve-ray` runs under
 DEPLOYMENT_NAME = "promptswap"

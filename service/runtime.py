@@ -17,18 +17,18 @@ from adapters.format import clip_fingerprint
 from adapters.m2pt import llava_fingerprint
 from adapters.prompted_llava import prefix_kv
 
-from .admission import ArrivalGate
-from .backbones.clip import ClipBackbone
-from .backbones.llava import LlavaBackbone
-from .batching import BatchQueue, BatchStats
-from .classify import ClassifyHandler, ClassifyItem, ClassifyResult
-from .errors import NotFound
-from .generation import GenerationEngine
-from .metrics import Metrics
-from .registry import AdapterRegistry, LoadedAdapter, Placement
-from .settings import Settings
-from .store import AdapterStore
-from .text_cache import TextCache
+from service.http.admission import ArrivalGate
+from service.backbones.clip import ClipBackbone
+from service.backbones.llava import LlavaBackbone
+from service.scheduling.batcher import BatchQueue, BatchStats
+from service.classify.handler import ClassifyHandler, ClassifyItem, ClassifyResult
+from service.errors import NotFound
+from service.chat.engine import GenerationEngine
+from service.metrics import Metrics
+from service.registry.adapter_registry import AdapterRegistry, LoadedAdapter, Placement
+from service.settings import Settings
+from service.registry.store import AdapterStore
+from service.classify.text_cache import TextCache
 
 log = logging.getLogger("promptswap")
 

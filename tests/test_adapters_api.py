@@ -348,7 +348,7 @@ async def test_latest_deleted_while_it_loads_falls_back_to_the_remaining_version
 def test_a_version_deleted_between_listing_and_stat_is_skipped(tmp_path, tiny_clip_dir, monkeypatch):
     import os
 
-    from service.store import AdapterStore
+    from service.registry.store import AdapterStore
 
     store = AdapterStore(tmp_path)
     for seed in (1, 2):
@@ -360,5 +360,5 @@ def test_a_version_deleted_between_listing_and_stat_is_skipped(tmp_path, tiny_cl
         (tmp_path / "race" / "2.safetensors").unlink(missing_ok=True)
         return iter(entries)
 
-    monkeypatch.setattr("service.store.os.scandir", scandir_then_delete)
+    monkeypatch.setattr("service.registry.store.os.scandir", scandir_then_delete)
     assert [v.version for v in store.versions("race")] == [1]

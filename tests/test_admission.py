@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.admission import ArrivalGate, NoPlace
+from service.http.admission import ArrivalGate, NoPlace
 
 
 def test_places_and_queued_items_share_the_capacity():

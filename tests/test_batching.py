@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batching import BatchQueue, BatchStats, Closed, Expired, QueueFull
+from service.scheduling.batcher import BatchQueue, BatchStats, Closed, Expired, QueueFull
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from service.classify import ClassifyHandler
+from service.classify.handler import ClassifyHandler
 from tests.conftest import encode, make_image, running_app
 
 

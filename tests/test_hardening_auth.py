@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service import middleware
+from service.http import middleware
 from service.cli import main as cli_main
 from service.main import create_app
 from tests.adapter_files import adapter_bytes

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from httpx import ASGITransport, AsyncClient
 
-from service import store as store_module
+from service.registry import store as store_module
 from service.backbones.clip import ClipBackbone
 from tests.adapter_files import adapter_bytes
 from tests.conftest import encode, make_image, running_app
@@ -119,7 +119,7 @@ def simulate_device_capacity(registry, adapters: int) -> list[str]:
     adapters are loaded; returns the keys whose placement hit it."""
     import torch
 
-    from service.registry import Placement
+    from service.registry.adapter_registry import Placement
 
     real = registry.placements["maple"]
     refused: list[str] = []

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from starlette.requests import Request
 
-from service.api.inference import _check_labels, _check_template, _parse_classify
+from service.classify.routes import _check_labels, _check_template, _parse_classify
 from service.errors import ApiError, InvalidImage, PayloadTooLarge
-from service.images import decode_base64_image, decode_image
+from service.http.images import decode_base64_image, decode_image
 from service.settings import Settings
 from tests.conftest import make_image
 

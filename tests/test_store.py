@@ -7,7 +7,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from service.store import CLAIMED, STALE_TEMP_S, AdapterStore
+from service.registry.store import CLAIMED, STALE_TEMP_S, AdapterStore
 
 
 def put(store: AdapterStore, name: str = "pets") -> int:
@@ -70,7 +70,7 @@ def test_a_directory_fsync_failing_after_the_link_takes_the_file_back(tmp_path, 
 
     import pytest
 
-    from service.store import StoreFull
+    from service.registry.store import StoreFull
 
     store = AdapterStore(tmp_path)
     assert put(store) == 1

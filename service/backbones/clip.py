@@ -15,7 +15,7 @@ from transformers import CLIPModel
 
 from adapters.prompted_clip import encode_image, encode_text
 
-from .loading import BackboneLoadError, load_frozen
+from service.backbones.loading import BackboneLoadError, load_frozen
 
 
 @dataclass

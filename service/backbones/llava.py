@@ -18,7 +18,7 @@ from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from adapters.prompted_llava import merge_image_tokens
 
-from .loading import BackboneLoadError, load_frozen
+from service.backbones.loading import BackboneLoadError, load_frozen
 
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, length, head_dim) each

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import PayloadTooLarge, error_body
-from .metrics import Metrics
+from service.errors import PayloadTooLarge, error_body
+from service.metrics import Metrics
 
 
 class MetricsMiddleware:

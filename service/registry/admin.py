@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..errors import (
+from service.errors import (
     BadRequest,
     InsufficientStorage,
     NotFound,
@@ -21,10 +21,10 @@ from ..errors import (
     Unavailable,
     Unprocessable,
 )
-from ..registry import AdapterRegistry, parse_ref
-from ..schemas import ErrorBody
-from ..store import StoreFull
-from .deps import ReadyRuntimeDep, RuntimeDep
+from service.registry.adapter_registry import AdapterRegistry, parse_ref
+from service.http.schemas import ErrorBody
+from service.registry.store import StoreFull
+from service.http.deps import ReadyRuntimeDep, RuntimeDep
 
 router = APIRouter()
 

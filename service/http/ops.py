@@ -8,9 +8,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..errors import error_body
-from ..schemas import ModelCard, ModelList
-from .deps import ReadyRuntimeDep, RuntimeDep
+from service.errors import error_body
+from service.http.schemas import ModelCard, ModelList
+from service.http.deps import ReadyRuntimeDep, RuntimeDep
 
 router = APIRouter(tags=["operations"])
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from .admission import ArrivalGate, Place
-from .batching import Closed, Expired, QueueFull
-from .errors import (
+from service.http.admission import ArrivalGate, Place
+from service.scheduling.batcher import Closed, Expired, QueueFull
+from service.errors import (
     BadRequest,
     DeadlineExceeded,
     InvalidImage,
@@ -18,10 +18,10 @@ from .errors import (
     Unavailable,
     Unprocessable,
 )
-from .generation import Delta, GenRequest
-from .images import decode_base64_image, decode_image
-from .registry import LoadedAdapter
-from .runtime import Runtime
+from service.chat.engine import Delta, GenRequest
+from service.http.images import decode_base64_image, decode_image
+from service.registry.adapter_registry import LoadedAdapter
+from service.runtime import Runtime
 
 
 class ContextTooLong(BadRequest):

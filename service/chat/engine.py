@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .backbones.llava import KV, LlavaBackbone, PreparedPrompt
-from .batching import Closed, Expired, QueueFull
+from service.backbones.llava import KV, LlavaBackbone, PreparedPrompt
+from service.scheduling.batcher import Closed, Expired, QueueFull
 
 log = logging.getLogger("promptswap.generation")
 

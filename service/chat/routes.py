@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from .. import chat
-from ..errors import (
+from service.chat import request as chat
+from service.errors import (
     ApiError,
     BadRequest,
     NotFound,
@@ -24,14 +24,14 @@ from ..errors import (
     UnsupportedMediaType,
     error_body,
 )
-from ..generation import GenRequest
-from ..images import decode_base64_image
-from ..registry import LoadedAdapter
-from ..runtime import Runtime
-from ..schemas import ErrorBody, inline_schema
-from ..settings import Settings
-from .deps import ReadyRuntimeDep, admitted
-from .disconnect import ClientGone, unless_disconnected
+from service.chat.engine import GenRequest
+from service.http.images import decode_base64_image
+from service.registry.adapter_registry import LoadedAdapter
+from service.runtime import Runtime
+from service.http.schemas import ErrorBody, inline_schema
+from service.settings import Settings
+from service.http.deps import ReadyRuntimeDep, admitted
+from service.http.disconnect import ClientGone, unless_disconnected
 
 router = APIRouter(tags=["chat"])
 

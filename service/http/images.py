@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidImage, PayloadTooLarge
+from service.errors import InvalidImage, PayloadTooLarge
 
 # Formats a browser or camera sends; everything else (TIFF, ICO, PSD, ...) is refused.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")

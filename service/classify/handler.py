@@ -16,9 +16,9 @@ from typing import Protocol
 
 import torch
 
-from .backbones.clip import ClipBackbone
-from .errors import Unprocessable
-from .text_cache import TextCache, TextKey
+from service.backbones.clip import ClipBackbone
+from service.errors import Unprocessable
+from service.classify.text_cache import TextCache, TextKey
 
 PREFIX_CACHE_ENTRIES = 4096  # distinct templates whose prefix token count is kept
 TEXT_CHUNK = 256  # prompts per text forward: bounds activation memory for big label sets

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..admission import Place
-from ..batching import Closed, Expired, QueueFull
-from ..classify import ClassifyItem
-from ..errors import (
+from service.http.admission import Place
+from service.scheduling.batcher import Closed, Expired, QueueFull
+from service.classify.handler import ClassifyItem
+from service.errors import (
     BadRequest,
     DeadlineExceeded,
     Overloaded,
@@ -23,10 +23,10 @@ from ..errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
-from ..images import decode_base64_image, decode_image
-from ..registry import LoadedAdapter
-from ..runtime import Runtime
-from ..schemas import (
+from service.http.images import decode_base64_image, decode_image
+from service.registry.adapter_registry import LoadedAdapter
+from service.runtime import Runtime
+from service.http.schemas import (
     DEFAULT_TEMPLATE,
     ClassifyJSON,
     ClassifyResponse,
@@ -34,9 +34,9 @@ from ..schemas import (
     LabelScore,
     inline_schema,
 )
-from ..settings import Settings
-from .deps import ReadyRuntimeDep, admitted
-from .disconnect import ClientGone, unless_disconnected
+from service.settings import Settings
+from service.http.deps import ReadyRuntimeDep, admitted
+from service.http.disconnect import ClientGone, unless_disconnected
 
 router = APIRouter(tags=["inference"])
 

@@ -33,9 +33,9 @@ from adapters.format import (
     validate_for_backbone,
 )
 
-from .errors import ApiError, Conflict, NotFound, Unavailable, Unprocessable
-from .metrics import Metrics
-from .store import AdapterStore, StoredVersion
+from service.errors import ApiError, Conflict, NotFound, Unavailable, Unprocessable
+from service.metrics import Metrics
+from service.registry.store import AdapterStore, StoredVersion
 
 log = logging.getLogger("promptswap.registry")
 

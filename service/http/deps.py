@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ..admission import ArrivalGate, NoPlace, Place
-from ..errors import Overloaded, Unavailable
-from ..runtime import Runtime
+from service.http.admission import ArrivalGate, NoPlace, Place
+from service.errors import Overloaded, Unavailable
+from service.runtime import Runtime
 
 
 def get_runtime(request: Request) -> Runtime:

@@ -1,1 +1,0 @@
-"""HTTP routers, one per concern: thin layers that parse, call and answer."""

@@ -1,0 +1,1 @@
+"""Image + instruction chat on a LLaVA backbone: routes, request parsing, the generation engine."""

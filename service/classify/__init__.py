@@ -1,0 +1,1 @@
+"""Zero-shot and adapted classification on a CLIP backbone: routes, the batch handler, the text cache."""

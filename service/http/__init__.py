@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by every capability: middleware, admission, body parsing, ops routes."""

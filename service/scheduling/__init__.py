@@ -1,0 +1,1 @@
+"""The batch queue that forms batches from concurrent requests, and its errors (no torch)."""
