@@ -51,7 +51,9 @@ def cmd_train_m2pt(args: argparse.Namespace) -> int:
         device=args.device, description=args.description,
     )  # fmt: skip
     result = train_m2pt(config)
-    print(f"answer loss {result.loss_start:.4f} -> {result.loss_end:.4f} ({result.steps} steps, {result.seconds:.1f} s)")
+    print(
+        f"answer loss {result.loss_start:.4f} -> {result.loss_end:.4f} ({result.steps} steps, {result.seconds:.1f} s)"
+    )
     for i, (before, after) in enumerate(zip(result.answers_before, result.answers_after, strict=True)):
         print(f"  [{i}] target {result.examples[i].answer!r}: before {before!r}, after {after!r}")
     print(f"wrote {args.output} ({len(result.adapter)} bytes)")
@@ -99,10 +101,14 @@ def register_training(subparsers: argparse._SubParsersAction, guarded: Callable[
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", default="a photo of a {}.", help="prompt; serve with the same one")
-    p.add_argument("--eval-fraction", type=float, default=1.0, help="share of the non-training images held out")
+    p.add_argument(
+        "--eval-fraction", type=float, default=1.0, help="share of the non-training images held out"
+    )
     p.add_argument("--eval-every", type=int, default=1, help="epochs between held-out evaluations")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="mixed precision (CUDA only)")
+    p.add_argument(
+        "--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="mixed precision (CUDA only)"
+    )
     p.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUTPUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--description", default="", help="free text stored in the manifest")

@@ -49,7 +49,9 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[list[Path]]]:
             classes.append(sub.name)
             files.append(images)
     if len(classes) < 2:
-        raise AdapterValueError(f"{str(root)!r} needs at least two class sub-folders with images, found {classes}")
+        raise AdapterValueError(
+            f"{str(root)!r} needs at least two class sub-folders with images, found {classes}"
+        )
     return classes, files
 
 
@@ -65,7 +67,9 @@ def few_shot_split(root: str | Path, *, shots: int, seed: int, eval_fraction: fl
     held_out: list[tuple[Path, int]] = []
     for label, images in enumerate(files):
         if len(images) < shots:
-            raise AdapterValueError(f"class {classes[label]!r} has {len(images)} images, fewer than {shots} shots")
+            raise AdapterValueError(
+                f"class {classes[label]!r} has {len(images)} images, fewer than {shots} shots"
+            )
         order = torch.randperm(len(images), generator=g).tolist()
         train += [(images[i], label) for i in order[:shots]]
         rest = order[shots:]

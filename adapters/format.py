@@ -28,7 +28,7 @@ import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,10 @@ CLIP_FINGERPRINT_FIELDS: dict[str, type] = {
 }
 
 # Per backbone arch: the fingerprint fields and their types.
-FINGERPRINT_FIELDS: dict[str, dict[str, type]] = {"clip": CLIP_FINGERPRINT_FIELDS, "llava": LLAVA_FINGERPRINT_FIELDS}
+FINGERPRINT_FIELDS: dict[str, dict[str, type]] = {
+    "clip": CLIP_FINGERPRINT_FIELDS,
+    "llava": LLAVA_FINGERPRINT_FIELDS,
+}
 
 _MANIFEST_FIELDS = {
     "format_version", "name", "version", "method", "backbone", "hyperparameters",
@@ -116,7 +119,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps({k: getattr(self, k) for k in sorted(_MANIFEST_FIELDS)}, sort_keys=True, allow_nan=False)
+        return json.dumps(
+            {k: getattr(self, k) for k in sorted(_MANIFEST_FIELDS)}, sort_keys=True, allow_nan=False
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,7 +159,9 @@ def _hash_entry(h: Any, name: str, dtype: str, shape: list[int], raw: bytes | me
 def encode_adapter(adapter: Adapter) -> bytes:
     """Write an adapter; the checksum is recomputed, so manifest edits (e.g. version) are safe."""
     spec = _method(adapter.manifest.method)
-    tensors = {k: v.detach().cpu().to(torch.float32).contiguous() for k, v in spec.to_tensors(adapter.folded).items()}
+    tensors = {
+        k: v.detach().cpu().to(torch.float32).contiguous() for k, v in spec.to_tensors(adapter.folded).items()
+    }
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise AdapterValueError(f"tensor '{name}' holds NaN or infinite values")
@@ -200,7 +207,7 @@ def _dump(
         backbone=dict(backbone),
         hyperparameters={**(hyperparameters or {}), **shape},
         tensors_sha256="",
-        created_at=created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=created_at or datetime.now(UTC).isoformat(timespec="seconds"),
         version=version,
         description=description,
     )
@@ -253,7 +260,9 @@ def load_adapter(data: bytes, *, max_bytes: int) -> Adapter:
     for name, (dtype, shape, (begin, end)) in entries.items():
         t = tensor_from_bytes(view[begin:end], DTYPES[dtype]).reshape(shape).to(torch.float32)
         if not torch.isfinite(t).all():
-            raise AdapterValueError(f"tensor '{name}' of adapter '{manifest.name}' holds NaN or infinite values")
+            raise AdapterValueError(
+                f"tensor '{name}' of adapter '{manifest.name}' holds NaN or infinite values"
+            )
         tensors[name] = t.contiguous()
     return Adapter(manifest, spec.from_tensors(tensors), {n: e[0] for n, e in entries.items()})
 
@@ -274,7 +283,9 @@ def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
             f"not a safetensors adapter: header length {n} exceeds the {MAX_HEADER_BYTES}-byte bound"
         )
     if 8 + n > len(data):
-        raise AdapterFormatError(f"not a safetensors adapter: header length {n} runs past the end of the file")
+        raise AdapterFormatError(
+            f"not a safetensors adapter: header length {n} runs past the end of the file"
+        )
     try:
         header = json.loads(
             bytes(data[8 : 8 + n]).decode("utf-8"),
@@ -327,7 +338,9 @@ def _parse_manifest(metadata: object) -> Manifest:
         )
     unknown, missing = set(raw) - _MANIFEST_FIELDS, _MANIFEST_FIELDS - set(raw)
     if unknown or missing:
-        raise AdapterFormatError(f"adapter manifest fields: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        raise AdapterFormatError(
+            f"adapter manifest fields: missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
     manifest = Manifest(**raw)
     _check_manifest_values(manifest)
     return manifest
@@ -343,7 +356,9 @@ def _check_manifest_values(m: Manifest) -> None:
     if m.version is not None and (not _is_int(m.version) or m.version < 1):
         raise AdapterValueError(f"manifest version must be null or an integer >= 1, got {m.version!r}")
     if not isinstance(m.description, str) or len(m.description) > MAX_DESCRIPTION_CHARS:
-        raise AdapterValueError(f"manifest description must be a string of at most {MAX_DESCRIPTION_CHARS} chars")
+        raise AdapterValueError(
+            f"manifest description must be a string of at most {MAX_DESCRIPTION_CHARS} chars"
+        )
     if not isinstance(m.created_at, str) or len(m.created_at) > 64:
         raise AdapterValueError("manifest created_at must be a short ISO 8601 string")
     if not isinstance(m.tensors_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", m.tensors_sha256):
@@ -366,7 +381,9 @@ def _check_manifest_values(m: Manifest) -> None:
                 f"manifest backbone.{key} must be a {'positive integer' if typ is int else 'string'}, got {value!r}"
             )
     hp = m.hyperparameters
-    if not isinstance(hp, dict) or not all(isinstance(v, (str, int, float, bool)) or v is None for v in hp.values()):
+    if not isinstance(hp, dict) or not all(
+        isinstance(v, (str, int, float, bool)) or v is None for v in hp.values()
+    ):
         raise AdapterFormatError("manifest hyperparameters must be an object of scalars")
     if any(isinstance(v, float) and not math.isfinite(v) for v in hp.values()):
         raise AdapterValueError("manifest hyperparameters must be finite numbers")
@@ -382,12 +399,16 @@ def _method(method: object) -> MethodSpec:
 def _check_shapes(m: Manifest, shapes: Mapping[str, list[int]]) -> None:
     for name, want in METHODS[m.method].expected_shapes(m).items():
         if list(shapes[name]) != want:
-            raise AdapterValueError(f"tensor '{name}' has shape {list(shapes[name])}, the manifest implies {want}")
+            raise AdapterValueError(
+                f"tensor '{name}' has shape {list(shapes[name])}, the manifest implies {want}"
+            )
 
 
 def _tensor_entry(name: str, entry: object) -> tuple[str, list[int], tuple[int, int]]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise AdapterFormatError(f"tensor '{name}': header entry must have exactly dtype, shape, data_offsets")
+        raise AdapterFormatError(
+            f"tensor '{name}': header entry must have exactly dtype, shape, data_offsets"
+        )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise AdapterFormatError(f"tensor '{name}': dtype {dtype!r} not allowed, only {sorted(DTYPES)}")
@@ -408,7 +429,9 @@ def _check_layout(entries: dict[str, tuple[str, list[int], tuple[int, int]]], da
             )
         need = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != need:
-            raise AdapterFormatError(f"tensor '{name}': {end - begin} bytes stored, shape {shape} {dtype} needs {need}")
+            raise AdapterFormatError(
+                f"tensor '{name}': {end - begin} bytes stored, shape {shape} {dtype} needs {need}"
+            )
         spans.append((begin, end))
     pos = 0
     for begin, end in sorted(spans):
@@ -436,11 +459,19 @@ def _check_maple_hyperparameters(m: Manifest) -> None:
 
 def _maple_shapes(m: Manifest) -> dict[str, list[int]]:
     depth, n_ctx, b = m.hyperparameters["depth"], m.hyperparameters["n_ctx"], m.backbone
-    return {"text_prompts": [depth, n_ctx, b["text_width"]], "vision_prompts": [depth, n_ctx, b["vision_width"]]}
+    return {
+        "text_prompts": [depth, n_ctx, b["text_width"]],
+        "vision_prompts": [depth, n_ctx, b["vision_width"]],
+    }
 
 
 M2PT_TENSORS = ("vision_prompts", "text_prompts", "projector_weight", "projector_bias")  # FoldedM2pt's order
-_M2PT_DEPTHS = (("n_vision", None), ("vision_depth", "vision_layers"), ("n_text", None), ("text_depth", "text_layers"))
+_M2PT_DEPTHS = (
+    ("n_vision", None),
+    ("vision_depth", "vision_layers"),
+    ("n_text", None),
+    ("text_depth", "text_layers"),
+)
 
 
 def _check_m2pt_hyperparameters(m: Manifest) -> None:
@@ -488,7 +519,9 @@ METHODS: dict[str, MethodSpec] = {
         tensors=M2PT_TENSORS,
         check_hyperparameters=_check_m2pt_hyperparameters,
         expected_shapes=_m2pt_shapes,
-        to_tensors=lambda f: dict(zip(M2PT_TENSORS, (f.vision, f.text, f.projector_weight, f.projector_bias))),
+        to_tensors=lambda f: dict(
+            zip(M2PT_TENSORS, (f.vision, f.text, f.projector_weight, f.projector_bias), strict=False)
+        ),
         from_tensors=lambda t: FoldedM2pt(*(t[name] for name in M2PT_TENSORS)),
     ),
 }

@@ -58,7 +58,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise AdapterFormatError(f"{str(marker)!r} names {name[0]!r}, which does not exist")
         return target
     epochs = [
-        (int(m.group(1)), p) for p in d.glob("model.pth.tar-*") if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", p.name))
+        (int(m.group(1)), p)
+        for p in d.glob("model.pth.tar-*")
+        if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", p.name))
     ]
     if epochs:
         return max(epochs)[1]
@@ -135,7 +137,11 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) 
     dims = (offset, *size, *stride) if isinstance(size, tuple) and isinstance(stride, tuple) else None
     if dims is None or len(size) != len(stride) or not all(type(x) is int and x >= 0 for x in dims):
         raise AdapterFormatError("tensor record has a malformed size, stride or offset")
-    last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True)) if math.prod(size) else offset - 1
+    last = (
+        offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
+        if math.prod(size)
+        else offset - 1
+    )
     if last >= storage.numel():
         raise AdapterFormatError("tensor record reaches past its storage")
     return torch.as_strided(storage, size, stride, offset)

@@ -126,7 +126,15 @@ class M2ptConfig:
     projector_in: int  # vision width * number of feature layers
 
     def __post_init__(self) -> None:
-        for name in ("n_vision", "vision_depth", "vision_width", "n_text", "text_depth", "text_width", "projector_in"):
+        for name in (
+            "n_vision",
+            "vision_depth",
+            "vision_width",
+            "n_text",
+            "text_depth",
+            "text_width",
+            "projector_in",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AdapterValueError(f"M2PT {name} must be an integer >= 1, got {value!r}")
@@ -146,10 +154,20 @@ class M2ptConfig:
         vision_depth = fp["vision_layers"] if vision_depth is None else vision_depth
         text_depth = fp["text_layers"] if text_depth is None else text_depth
         if isinstance(vision_depth, int) and vision_depth > fp["vision_layers"]:
-            raise AdapterValueError(f"vision_depth {vision_depth} exceeds the {fp['vision_layers']} vision layers")
+            raise AdapterValueError(
+                f"vision_depth {vision_depth} exceeds the {fp['vision_layers']} vision layers"
+            )
         if isinstance(text_depth, int) and text_depth > fp["text_layers"]:
             raise AdapterValueError(f"text_depth {text_depth} exceeds the {fp['text_layers']} LLM layers")
-        return cls(n_vision, vision_depth, fp["vision_width"], n_text, text_depth, fp["text_width"], fp["projector_in"])
+        return cls(
+            n_vision,
+            vision_depth,
+            fp["vision_width"],
+            n_text,
+            text_depth,
+            fp["text_width"],
+            fp["projector_in"],
+        )
 
     @property
     def num_parameters(self) -> int:
@@ -194,7 +212,9 @@ class M2ptPromptLearner(nn.Module):
                     f"projector must be Linear({c.projector_in}, {c.text_width}) with bias, "
                     f"got weight {tuple(projector.weight.shape)}"
                 )
-            self.mm_projector.load_state_dict({k: v.detach().float() for k, v in projector.state_dict().items()})
+            self.mm_projector.load_state_dict(
+                {k: v.detach().float() for k, v in projector.state_dict().items()}
+            )
 
     def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer prompts: vision (vision_depth, n_vision, Dv), text (text_depth, n_text, Dt)."""
@@ -244,7 +264,9 @@ def config_from_state(state: Mapping[str, torch.Tensor]) -> M2ptConfig:
     )  # fmt: skip
     for key, shape in learner_shapes(config).items():
         if tuple(state[key].shape) != shape:
-            raise AdapterValueError(f"'{key}' should have shape {shape} for {config}, got {tuple(state[key].shape)}")
+            raise AdapterValueError(
+                f"'{key}' should have shape {shape} for {config}, got {tuple(state[key].shape)}"
+            )
     return config
 
 
@@ -261,7 +283,10 @@ def learner_shapes(config: M2ptConfig) -> dict[str, tuple[int, ...]]:
 
 # Reference parameter names (LlavaLlamaForCausalLM state dict) -> ours.
 _REFERENCE_KEYS = (
-    (re.compile(r"model\.vision_tower\.vision_tower\.vision_model\.encoder\.prompts\.(\d+)"), "vision_prompts.{}"),
+    (
+        re.compile(r"model\.vision_tower\.vision_tower\.vision_model\.encoder\.prompts\.(\d+)"),
+        "vision_prompts.{}",
+    ),
     (re.compile(r"model\.prompts\.(\d+)"), "text_prompts.{}"),
     (re.compile(r"model\.mm_projector\.(weight|bias)"), "mm_projector.{}"),
 )
@@ -282,7 +307,9 @@ def learner_state_from_reference(model_state: Mapping[str, object]) -> dict[str,
             if m := pattern.fullmatch(key):
                 if not isinstance(value, torch.Tensor):
                     raise AdapterValueError(f"'{key}' is not a tensor (got {type(value).__name__})")
-                out[template.format(m.group(1))] = value[0] if "prompts" in template and value.ndim == 3 else value
+                out[template.format(m.group(1))] = (
+                    value[0] if "prompts" in template and value.ndim == 3 else value
+                )
     return out
 
 

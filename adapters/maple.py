@@ -73,13 +73,16 @@ class MaplePromptLearner(nn.Module):
         )
         # The reference deep-copies ONE Linear, so every coupling starts identical.
         single = nn.Linear(dt, dv)
-        self.compound_prompt_projections = nn.ModuleList([copy.deepcopy(single) for _ in range(config.depth - 1)])
+        self.compound_prompt_projections = nn.ModuleList(
+            [copy.deepcopy(single) for _ in range(config.depth - 1)]
+        )
 
     def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer prompts: text (depth, n_ctx, Dt), vision (depth, n_ctx, Dv)."""
         text = [self.ctx, *self.compound_prompts_text]
         vision = [self.proj(self.ctx)] + [
-            proj(p) for proj, p in zip(self.compound_prompt_projections, self.compound_prompts_text, strict=True)
+            proj(p)
+            for proj, p in zip(self.compound_prompt_projections, self.compound_prompts_text, strict=True)
         ]
         return torch.stack(text), torch.stack(vision)
 

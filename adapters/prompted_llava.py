@@ -49,19 +49,25 @@ def vision_features(
     layers = vt.encoder.layers
     # hidden_states[k] is the input of layer k (k = len(layers): the last output); only run what is selected.
     wanted = [k % (len(layers) + 1) for k in feature_layers(config)]
-    h = vt.pre_layrnorm(vt.embeddings(pixel_values.to(vt.embeddings.patch_embedding.weight.dtype)))  # (B, 1+P, Dv)
+    h = vt.pre_layrnorm(
+        vt.embeddings(pixel_values.to(vt.embeddings.patch_embedding.weight.dtype))
+    )  # (B, 1+P, Dv)
     n = 0
     if vision_prompts is not None:
         vision_prompts = vision_prompts.to(h.dtype)
         depth, n = vision_prompts.shape[1], vision_prompts.shape[2]
-        h = torch.cat([vision_prompts[:, 0], h], dim=1)  # (B, n_v + 1 + P, Dv): prompts first, as the reference
+        h = torch.cat(
+            [vision_prompts[:, 0], h], dim=1
+        )  # (B, n_v + 1 + P, Dv): prompts first, as the reference
     hidden = [h]
     for i, layer in enumerate(layers[: max(wanted)]):
         if vision_prompts is not None and 1 <= i < depth:
             h = torch.cat([vision_prompts[:, i], h[:, n:]], dim=1)
         h = layer(h, None)
         hidden.append(h)
-    drop = n + (1 if config.vision_feature_select_strategy == "default" else 0)  # prompts, then the class token
+    drop = n + (
+        1 if config.vision_feature_select_strategy == "default" else 0
+    )  # prompts, then the class token
     return torch.cat([hidden[k][:, drop:] for k in wanted], dim=-1)
 
 
@@ -82,7 +88,9 @@ def image_embeds(
         by_shape[None if a is None else (a.vision_depth, a.n_vision)].append(row)
     parts: list[tuple[list[int], torch.Tensor]] = []
     for shape, rows in by_shape.items():
-        prompts = None if shape is None else torch.stack([adapters[r].vision for r in rows])  # (G, depth, n_v, Dv)
+        prompts = (
+            None if shape is None else torch.stack([adapters[r].vision for r in rows])
+        )  # (G, depth, n_v, Dv)
         feats = vision_features(model, pixel_values[rows], prompts)  # (G, T, Din)
         if shape is None:
             parts.append((rows, model.model.multi_modal_projector(feats)))
@@ -92,7 +100,9 @@ def image_embeds(
             by_adapter[id(adapters[r])].append(pos)
         for positions in by_adapter.values():
             a = adapters[rows[positions[0]]]
-            parts.append(([rows[p] for p in positions], a.project(feats[positions].to(a.projector_weight.dtype))))
+            parts.append(
+                ([rows[p] for p in positions], a.project(feats[positions].to(a.projector_weight.dtype)))
+            )
     first = parts[0][1]
     out = first.new_empty(len(adapters), *first.shape[1:])  # (B, T, D)
     order = torch.tensor([r for rows, _ in parts for r in rows], device=first.device)
@@ -148,7 +158,12 @@ def prefix_kv(model: LlavaForConditionalGeneration, folded: FoldedM2pt) -> KV:
         if 1 <= i < folded.text_depth:
             h = text[i][None]  # replaced, not carried (beyond text_depth the output is carried)
         h = layer(
-            h, attention_mask=mask, position_embeddings=rope, position_ids=pos, past_key_values=cache, use_cache=True
+            h,
+            attention_mask=mask,
+            position_embeddings=rope,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
         )
     return [(layer.keys, layer.values) for layer in cache.layers]
 

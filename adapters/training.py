@@ -161,7 +161,9 @@ def class_logits(
     text, vision = prompts if prompts is not None else (None, None)
     if text_features is None:
         text_features = normalized_text(model, input_ids, mask, text)
-    image = encode_image(model, pixels, None if vision is None else vision.unsqueeze(0).expand(len(pixels), -1, -1, -1))
+    image = encode_image(
+        model, pixels, None if vision is None else vision.unsqueeze(0).expand(len(pixels), -1, -1, -1)
+    )
     image = F.normalize(image.float(), dim=-1)
     return model.logit_scale.exp().float() * image @ text_features.T
 
@@ -257,8 +259,12 @@ class Trainer:
 
         torch.manual_seed(config.seed)  # the learner's random init
         maple = MapleConfig.for_clip(model.config, n_ctx=config.n_ctx, depth=config.depth)
-        self.learner = MaplePromptLearner(maple, ctx_from_template(model, self.ids, config.n_ctx)).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.learner = MaplePromptLearner(maple, ctx_from_template(model, self.ids, config.n_ctx)).to(
+            self.device
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.learner.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
         self.steps_per_epoch = math.ceil(len(self.split.train) / config.batch_size)
         total = config.epochs * self.steps_per_epoch
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
@@ -315,7 +321,7 @@ class Trainer:
                 pixels, _ = self.pixels.batch(items[start : start + EVAL_BATCH])
                 logits = class_logits(self.model, pixels.to(self.device), self.ids, self.mask, prompts, text)
                 preds += logits.argmax(-1).tolist()
-        correct = sum(int(p == label) for p, (_, label) in zip(preds, items))
+        correct = sum(int(p == label) for p, (_, label) in zip(preds, items, strict=False))
         return correct / len(items), preds
 
     def run(self) -> TrainResult:
@@ -355,7 +361,9 @@ class Trainer:
             progress.close()
             if consistent:
                 self.save(path)
-                self.log.write(f"interrupted at step {self.step}: checkpoint {path}; continue with --resume\n")
+                self.log.write(
+                    f"interrupted at step {self.step}: checkpoint {path}; continue with --resume\n"
+                )
             raise
         progress.close()
         return self._result(time.monotonic() - started)

@@ -89,7 +89,9 @@ def read_examples(path: str | Path) -> list[Example]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise AdapterValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("image", "instruction", "answer")):
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) for k in ("image", "instruction", "answer")
+        ):
             raise AdapterValueError(f"{path}:{n}: needs string fields 'image', 'instruction' and 'answer'")
         image = base / row["image"]
         if not image.is_file():
@@ -117,7 +119,9 @@ class Encoded:
 
 def encode_example(processor: Any, example: Example) -> Encoded:
     tokenizer = processor.tokenizer
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example.instruction}]}]
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example.instruction}]}
+    ]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     with Image.open(example.image) as im:
         image = im.convert("RGB")
@@ -150,7 +154,12 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class M2ptTrainer:
     def __init__(
-        self, config: M2ptTrainConfig, model: LlavaForConditionalGeneration, processor: Any, *, log: TextIO | None = None
+        self,
+        config: M2ptTrainConfig,
+        model: LlavaForConditionalGeneration,
+        processor: Any,
+        *,
+        log: TextIO | None = None,
     ) -> None:
         self.cfg, self.model, self.processor = config, model, processor
         self.log = sys.stderr if log is None else log
@@ -164,7 +173,9 @@ class M2ptTrainer:
         m2pt = M2ptConfig.for_llava(model.config, n_vision=config.n_vision, n_text=config.n_text)
         torch.manual_seed(config.seed)  # the learner's random init
         self.learner = M2ptPromptLearner(m2pt).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.learner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.learner.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
         self.generator = torch.Generator().manual_seed(config.seed)  # the data order
 
     def _batch(self, items: list[Encoded]) -> tuple[torch.Tensor, ...]:
@@ -229,7 +240,11 @@ class M2ptTrainer:
             history.append(float(loss.detach()))
             if step % every == 0 or step == c.steps:
                 rate = step / max(time.monotonic() - started, 1e-9)
-                print(f"step {step:>6}/{c.steps}  loss {history[-1]:.4f}  ({rate:.1f} it/s)", file=log, flush=True)
+                print(
+                    f"step {step:>6}/{c.steps}  loss {history[-1]:.4f}  ({rate:.1f} it/s)",
+                    file=log,
+                    flush=True,
+                )
         self.learner.eval()
         loss_end = self.mean_loss()
         after = self.show()

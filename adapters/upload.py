@@ -59,7 +59,9 @@ async def upload_adapter(
     except httpx.HTTPError as e:  # the message names the URL, never the headers
         raise UploadError(f"cannot reach {endpoint}: {type(e).__name__}: {e}") from None
     if response.status_code != 201:
-        raise UploadError(f"upload to {endpoint} failed with HTTP {response.status_code}: {_error_text(response)}")
+        raise UploadError(
+            f"upload to {endpoint} failed with HTTP {response.status_code}: {_error_text(response)}"
+        )
     return response.json()
 
 

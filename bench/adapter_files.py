@@ -21,8 +21,12 @@ def adapter_bytes(model_dir: Path, name: str, seed: int) -> bytes:
     # Scaled like token embeddings, so prompted forwards see realistic magnitudes.
     text = 0.02 * torch.randn(DEPTH, N_CTX, config.text_config.hidden_size, generator=g)
     vision = 0.02 * torch.randn(DEPTH, N_CTX, config.vision_config.hidden_size, generator=g)
-    return dump_adapter(FoldedMaple(text, vision), name=name, backbone=clip_fingerprint(config),
-                        hyperparameters={"template": "a photo of a {}."})
+    return dump_adapter(
+        FoldedMaple(text, vision),
+        name=name,
+        backbone=clip_fingerprint(config),
+        hyperparameters={"template": "a photo of a {}."},
+    )
 
 
 async def upload(client: httpx.AsyncClient, base_url: str, token: str, name: str, data: bytes) -> dict:
@@ -39,6 +43,7 @@ async def upload(client: httpx.AsyncClient, base_url: str, token: str, name: str
 async def upload_many(base_url: str, token: str, files: dict[str, bytes], concurrency: int = 4) -> None:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+
         async def one(name: str, data: bytes) -> None:
             async with sem:
                 await upload(client, base_url, token, name, data)

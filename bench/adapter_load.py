@@ -16,8 +16,8 @@ from pathlib import Path
 from service.backbones.clip import ClipBackbone
 from service.metrics import Metrics
 from service.registry.adapter_registry import AdapterRegistry
-from service.runtime import maple_placement
 from service.registry.store import AdapterStore
+from service.runtime import maple_placement
 
 from .adapter_files import adapter_bytes
 
@@ -27,11 +27,17 @@ def measure(model_dir: Path, dtype: str, n: int) -> dict:
     with tempfile.TemporaryDirectory() as root, ThreadPoolExecutor(1) as pool:
         store = AdapterStore(Path(root))
         registry = AdapterRegistry(
-            store, placements={"maple": maple_placement(clip)}, cache_bytes=2**30,
-            max_adapter_bytes=64 * 2**20, io_executor=pool, metrics=Metrics(),
+            store,
+            placements={"maple": maple_placement(clip)},
+            cache_bytes=2**30,
+            max_adapter_bytes=64 * 2**20,
+            io_executor=pool,
+            metrics=Metrics(),
         )
-        stored = [store.put(f"load-{i:03d}", lambda v, i=i: adapter_bytes(model_dir, f"load-{i:03d}", i))
-                  for i in range(n)]
+        stored = [
+            store.put(f"load-{i:03d}", lambda v, i=i: adapter_bytes(model_dir, f"load-{i:03d}", i))
+            for i in range(n)
+        ]
         times = []
         for version in stored:  # each file read once: cold for the registry
             t0 = time.perf_counter()
@@ -39,8 +45,13 @@ def measure(model_dir: Path, dtype: str, n: int) -> dict:
             times.append(time.perf_counter() - t0)
     times.sort()
     ms = [1000 * t for t in times]
-    return {"n": n, "p50_ms": ms[n // 2], "p95_ms": ms[int(0.95 * (n - 1))], "max_ms": ms[-1],
-            "file_bytes": stored[0].size}
+    return {
+        "n": n,
+        "p50_ms": ms[n // 2],
+        "p95_ms": ms[int(0.95 * (n - 1))],
+        "max_ms": ms[-1],
+        "file_bytes": stored[0].size,
+    }
 
 
 def main() -> None:

@@ -37,8 +37,13 @@ def measure(model_dir: str, dtype: str, batch: int, seconds: float, min_batches:
         model.get_image_features(pixel_values=pixels)
         times.append(time.perf_counter() - t0)
     total = sum(times)
-    return {"images_per_s": batch * len(times) / total, "batch": batch, "batches": len(times),
-            "batch_s_median": sorted(times)[len(times) // 2], "threads": torch.get_num_threads()}
+    return {
+        "images_per_s": batch * len(times) / total,
+        "batch": batch,
+        "batches": len(times),
+        "batch_s_median": sorted(times)[len(times) // 2],
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:

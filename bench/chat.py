@@ -43,11 +43,16 @@ def photo(seed: int) -> str:
 def adapter_file(model_dir: Path, name: str, seed: int) -> bytes:
     torch.manual_seed(seed)
     config = M2ptConfig.for_llava(LlavaConfig.from_pretrained(model_dir), n_vision=4, n_text=4)
-    return dump_m2pt_adapter(fold(M2ptPromptLearner(config)), name=name,
-                             backbone=llava_fingerprint(LlavaConfig.from_pretrained(model_dir)))
+    return dump_m2pt_adapter(
+        fold(M2ptPromptLearner(config)),
+        name=name,
+        backbone=llava_fingerprint(LlavaConfig.from_pretrained(model_dir)),
+    )
 
 
-async def scenario(url: str, clients: int, requests: int, max_tokens: int, adapters: list[str | None]) -> dict:
+async def scenario(
+    url: str, clients: int, requests: int, max_tokens: int, adapters: list[str | None]
+) -> dict:
     images = [photo(i) for i in range(8)]
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
@@ -59,8 +64,11 @@ async def scenario(url: str, clients: int, requests: int, max_tokens: int, adapt
         nonlocal tokens, failures
         while not queue.empty():
             i = queue.get_nowait()
-            body = {"image": images[i % len(images)], "instruction": "describe the picture in detail",
-                    "max_tokens": max_tokens}
+            body = {
+                "image": images[i % len(images)],
+                "instruction": "describe the picture in detail",
+                "max_tokens": max_tokens,
+            }
             adapter = adapters[i % len(adapters)]
             if adapter is not None:
                 body["adapter"] = adapter
@@ -74,8 +82,14 @@ async def scenario(url: str, clients: int, requests: int, max_tokens: int, adapt
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - started
-    return {"clients": clients, "requests": requests, "tokens": tokens, "seconds": wall,
-            "tokens_per_s": tokens / wall, "failures": failures}
+    return {
+        "clients": clients,
+        "requests": requests,
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "failures": failures,
+    }
 
 
 async def run(requests: int, max_tokens: int) -> list[tuple[str, dict]]:
@@ -85,23 +99,46 @@ async def run(requests: int, max_tokens: int) -> list[tuple[str, dict]]:
         save_tiny_llava(model_dir)
     port = free_port()
     shutil.rmtree(OUT / "chat-adapters", ignore_errors=True)  # a fresh store each run
-    argv = ["-m", "service", "serve", "--clip-model", "", "--llava-model", str(model_dir),
-            "--device", "cpu", "--port", str(port), "--chat-max-batch-size", "16", "--log-level", "warning",
-            "--adapter-dir", str(OUT / "chat-adapters")]
+    argv = [
+        "-m",
+        "service",
+        "serve",
+        "--clip-model",
+        "",
+        "--llava-model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--chat-max-batch-size",
+        "16",
+        "--log-level",
+        "warning",
+        "--adapter-dir",
+        str(OUT / "chat-adapters"),
+    ]
     server = start("chat", argv, {"PROMPTSWAP_ADMIN_TOKEN": TOKEN}, port)
     try:
         async with httpx.AsyncClient() as http:
             for i in range(4):
-                r = await http.post(f"{server.url}/v1/admin/adapters", headers={"Authorization": f"Bearer {TOKEN}"},
-                                    files={"file": ("a", adapter_file(model_dir, f"task{i}", i))})
+                r = await http.post(
+                    f"{server.url}/v1/admin/adapters",
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                    files={"file": ("a", adapter_file(model_dir, f"task{i}", i))},
+                )
                 r.raise_for_status()
         await scenario(server.url, 4, 8, 8, [None])  # warm-up
         return [
             ("1 client, no adapter", await scenario(server.url, 1, requests // 2, max_tokens, [None])),
             ("8 clients, no adapter", await scenario(server.url, 8, requests, max_tokens, [None])),
             ("8 clients, one adapter", await scenario(server.url, 8, requests, max_tokens, ["task0"])),
-            ("8 clients, 4 adapters + none", await scenario(
-                server.url, 8, requests, max_tokens, ["task0", "task1", None, "task2", "task3"])),
+            (
+                "8 clients, 4 adapters + none",
+                await scenario(
+                    server.url, 8, requests, max_tokens, ["task0", "task1", None, "task2", "task3"]
+                ),
+            ),
         ]
     finally:
         server.stop()
@@ -116,10 +153,14 @@ def main() -> None:
     print("| scenario | requests | completion tokens | seconds | decode tokens/s | failures |")
     print("|---|---|---|---|---|---|")
     for name, r in results:
-        print(f"| {name} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {r['failures']} |")
+        print(
+            f"| {name} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {r['failures']} |"
+        )
     base = results[0][1]["tokens_per_s"]
     print(f"\n8 clients / 1 client: {results[1][1]['tokens_per_s'] / base:.2f}x")
-    print(f"mixed adapters / one adapter: {results[3][1]['tokens_per_s'] / results[2][1]['tokens_per_s']:.2f}x")
+    print(
+        f"mixed adapters / one adapter: {results[3][1]['tokens_per_s'] / results[2][1]['tokens_per_s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

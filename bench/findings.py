@@ -39,15 +39,18 @@ def proposals(run: Run) -> list[str]:
         "`bench/out/logs/*churn.log`. Change: pin in the same step the load completes, or in `acquire` "
         "replace `move_to_end` with `if adapter.key in self._loaded: self._loaded.move_to_end(adapter.key)` "
         "(the request holds the object; the tensors stay alive) and add a test with a 1-adapter budget and "
-        "two concurrent cold acquires. Gain: zero failures under churn.")
+        "two concurrent cold acquires. Gain: zero failures under churn."
+    )
     out.append(
-        "2. **Fix `--dtype` in `service/cli.py` `_option_type`.** `\"float\" in str(annotation)` matches "
+        '2. **Fix `--dtype` in `service/cli.py` `_option_type`.** `"float" in str(annotation)` matches '
         "`Literal['auto', 'float32', 'bfloat16', 'float16']`, so `promptswap serve --dtype float32` fails "
-        "with \"invalid float value\" (the bench passes `PROMPTSWAP_DTYPE` instead). Change: return `str` "
+        'with "invalid float value" (the bench passes `PROMPTSWAP_DTYPE` instead). Change: return `str` '
         "when `typing.get_origin(annotation) is Literal`, before the int/float guesses; test "
-        "`--dtype bfloat16`.")
+        "`--dtype bfloat16`."
+    )
     one_t = st.get("image encoder ms/image @ batch 16, 1 thread") or st.get(
-        "service image_features ms/image @ batch 16, 1 thread")
+        "service image_features ms/image @ batch 16, 1 thread"
+    )
     two_t = st.get("service image_features ms/image @ batch 16")
     out.append(
         "3. **Give the model thread the cores, and say how many (`service/runtime.py`, `service/settings.py`).** "
@@ -59,7 +62,8 @@ def proposals(run: Run) -> list[str]:
         f"{_v(two_t)} ms/image with 2 threads, {_v(one_t)} ms/image with 1. Change: a `torch_threads` setting "
         "applied with `torch.set_num_threads` inside the model thread at load, defaulting to cores minus "
         "one on small CPUs, and `decode_threads` defaulting to 1 when cores <= 2. Gain: closes part of the "
-        "service/ceiling gap on CPU; measure with this bench.")
+        "service/ceiling gap on CPU; measure with this bench."
+    )
     out.append(
         "4. **One text forward for all adapters of a batch (`service/classify.py` `_compute_text`).** Missing "
         "text embeddings are computed with one forward per adapter (`by_adapter` loop); `encode_text` already "
@@ -70,7 +74,8 @@ def proposals(run: Run) -> list[str]:
         "with p50 " + (f"{first.p50_ms / 1000:.1f} s" if first else "?") + ". Gain: cold batches "
         "several times faster; also compute cold text in its own step so warm rows of the same batch are "
         "not held behind it (a cold batch here outlived the 30 s default deadline in an earlier run on a "
-        "loaded machine: every row got 504).")
+        "loaded machine: every row got 504)."
+    )
     out.append(
         "5. **Preprocess without the generic image processor (`service/backbones/clip.py` `preprocess`).** "
         f"`CLIPImageProcessorPil` costs {_v(st.get('HF image processor ms'))} ms per 640x480 photo; the same "
@@ -80,18 +85,21 @@ def proposals(run: Run) -> list[str]:
         "`fast_preprocess`). Use it when the checkpoint's processor is a CLIP one with the default settings "
         "(check `do_resize`, `size`, `crop_size`, `resample`, mean/std at load), fall back otherwise; keep "
         "the exactness tests. Gain: small on this CPU (the model dominates), large on a GPU where the image "
-        "forward is ~1 ms/image and decode + preprocess is the bottleneck (DESIGN note 8).")
+        "forward is ~1 ms/image and decode + preprocess is the bottleneck (DESIGN note 8)."
+    )
     out.append(
         f"6. **Opt-in DCT-scaled JPEG decode (`service/images.py`).** Full decode {_v(st.get('jpeg decode 640x480 ms'))} ms "
         f"vs `Image.draft` {_v(st.get('draft decode ms'))} ms at 640x480; the gain grows with photo size "
-        "(phone photos are 12 MP). Changes pixels: opt-in setting only, with its logit shift measured.")
+        "(phone photos are 12 MP). Changes pixels: opt-in setting only, with its logit shift measured."
+    )
     hf = st.get("HF get_image_features ms/image @ batch 16")
     sv = st.get("service image_features ms/image @ batch 16")
     pr = st.get("service image_features + MaPLe prompts ms/image @ batch 16")
     out.append(
         f"7. No change needed in the prompted forward: in-process at batch 16, transformers' "
         f"`get_image_features` {_v(hf)} ms/image, the service's `encode_image` {_v(sv)} ms/image, with "
-        f"MaPLe prompts (n_ctx 2, depth 9) {_v(pr)} ms/image; adapters cost little beyond the two extra tokens.")
+        f"MaPLe prompts (n_ctx 2, depth 9) {_v(pr)} ms/image; adapters cost little beyond the two extra tokens."
+    )
     return out
 
 

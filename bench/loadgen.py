@@ -88,8 +88,9 @@ async def run_load(
             sent += 1
             started = time.perf_counter()
             try:
-                resp = await client.post(url, content=body.content,
-                                         headers={"content-type": body.content_type})
+                resp = await client.post(
+                    url, content=body.content, headers={"content-type": body.content_type}
+                )
             except httpx.HTTPError as exc:
                 failures[type(exc).__name__] += 1
                 continue

@@ -20,13 +20,27 @@ MODELS_DIR = OUT / "models"
 
 # openai/clip-vit-base-patch{32,16} config.json values, explicit.
 TEXT_CONFIG = dict(
-    hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-    vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
-    bos_token_id=49406, eos_token_id=49407, pad_token_id=1, layer_norm_eps=1e-5,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+    layer_norm_eps=1e-5,
 )
 VISION_CONFIG = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    image_size=224, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=224,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    num_channels=3,
 )
 PROJECTION_DIM = 512
 LOGIT_SCALE_INIT = 2.6592

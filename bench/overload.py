@@ -45,9 +45,15 @@ def server_time_s(response: httpx.Response | None) -> float | None:
 async def overload(args: argparse.Namespace) -> None:
     clip_dir = tiny_clip_dir()
     port = servers.free_port()
-    argv = servers.service_argv(clip_dir, port, servers.REPO / "bench" / "out" / "overload-adapters",
-                                max_queue=args.max_queue, max_batch_size=args.max_batch_size, max_wait_ms=2,
-                                request_timeout_s=30)
+    argv = servers.service_argv(
+        clip_dir,
+        port,
+        servers.REPO / "bench" / "out" / "overload-adapters",
+        max_queue=args.max_queue,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=2,
+        request_timeout_s=30,
+    )
     server = servers.start("overload", argv, {"PROMPTSWAP_DTYPE": "float32"}, port)
     check_loopback(server.url)
     url = server.url + "/v1/classify"
@@ -66,8 +72,9 @@ async def overload(args: argparse.Namespace) -> None:
     async def post(client: httpx.AsyncClient, i: int) -> tuple[int | None, float, httpx.Response | None]:
         t0 = time.monotonic()
         try:
-            resp = await client.post(url, files={"image": ("i.png", pngs[i % len(pngs)])},
-                                     data={"labels": LABELS})
+            resp = await client.post(
+                url, files={"image": ("i.png", pngs[i % len(pngs)])}, data={"labels": LABELS}
+            )
         except httpx.HTTPError as exc:
             errors[type(exc).__name__] += 1
             return None, time.monotonic() - t0, None
@@ -99,7 +106,9 @@ async def overload(args: argparse.Namespace) -> None:
             warm = [await post(client, i) for i in range(3)]
             idle_rss = rss_mb(server.proc.pid)
             started = time.monotonic()
-            sampler = asyncio.ensure_future(rss_sampler(server.proc.pid, samples, started, stop, args.rss_every))
+            sampler = asyncio.ensure_future(
+                rss_sampler(server.proc.pid, samples, started, stop, args.rss_every)
+            )
             deadline = started + args.seconds
             await asyncio.gather(*(client_loop(client, c, deadline) for c in range(args.clients)))
             load_wall = time.monotonic() - started
@@ -117,38 +126,56 @@ async def overload(args: argparse.Namespace) -> None:
 
     total = sum(statuses.values()) + sum(errors.values())
     n_ref = sum(statuses[s] for s in (429, 503))
-    print(f"## Overload: {args.clients} closed-loop clients for {load_wall:.0f} s against "
-          f"`--max-queue {args.max_queue} --max-batch-size {args.max_batch_size}` (tiny CLIP, CPU)\n")
-    print(f"Server: `python {' '.join(argv)}` (alive at the end: {alive}; warm-up statuses "
-          f"{[s for s, _, _ in warm]})\n")
-    print(f"Requests answered during load: {total}, of which 200: {statuses[200]} "
-          f"({statuses[200] / load_wall:.1f}/s); refused 429/503: {n_ref} "
-          f"(**{100 * n_ref / max(total, 1):.1f} %**); other: "
-          f"{ {s: n for s, n in statuses.items() if s not in (200, 429, 503)} }; transport errors: {dict(errors)}\n")
+    print(
+        f"## Overload: {args.clients} closed-loop clients for {load_wall:.0f} s against "
+        f"`--max-queue {args.max_queue} --max-batch-size {args.max_batch_size}` (tiny CLIP, CPU)\n"
+    )
+    print(
+        f"Server: `python {' '.join(argv)}` (alive at the end: {alive}; warm-up statuses "
+        f"{[s for s, _, _ in warm]})\n"
+    )
+    print(
+        f"Requests answered during load: {total}, of which 200: {statuses[200]} "
+        f"({statuses[200] / load_wall:.1f}/s); refused 429/503: {n_ref} "
+        f"(**{100 * n_ref / max(total, 1):.1f} %**); other: "
+        f"{ {s: n for s, n in statuses.items() if s not in (200, 429, 503)} }; transport errors: {dict(errors)}\n"
+    )
     for s in (429, 503):
         if statuses[s]:
-            print(f"- {s}: {statuses[s]}, with a numeric Retry-After: {retry_after[s]} "
-                  f"({100 * retry_after[s] / statuses[s]:.1f} %)")
+            print(
+                f"- {s}: {statuses[s]}, with a numeric Retry-After: {retry_after[s]} "
+                f"({100 * retry_after[s] / statuses[s]:.1f} %)"
+            )
     print("\n| latency (ms) | n | p50 | p95 | p99 | max |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, xs in (("admitted (200)", admitted), ("refused (429/503)", refused)):
-        print(f"| {name}, at the client | {len(xs)} | {pct(xs, 50)} | {pct(xs, 95)} | {pct(xs, 99)} | {pct(xs, 100)} |")
+        print(
+            f"| {name}, at the client | {len(xs)} | {pct(xs, 50)} | {pct(xs, 95)} | {pct(xs, 99)} | {pct(xs, 100)} |"
+        )
     for name, xs in served_in.items():
-        print(f"| {name}, in the service | {len(xs)} | {pct(xs, 50)} | {pct(xs, 95)} | {pct(xs, 99)} | {pct(xs, 100)} |")
+        print(
+            f"| {name}, in the service | {len(xs)} | {pct(xs, 50)} | {pct(xs, 95)} | {pct(xs, 99)} | {pct(xs, 100)} |"
+        )
     rss = [mb for _, mb in samples]
     if rss:
-        print(f"\nRSS (MB): idle before load {idle_rss:.1f}; during load min {min(rss):.1f}, "
-              f"peak {max(rss):.1f}; after the quiet phase {end_rss:.1f}")
+        print(
+            f"\nRSS (MB): idle before load {idle_rss:.1f}; during load min {min(rss):.1f}, "
+            f"peak {max(rss):.1f}; after the quiet phase {end_rss:.1f}"
+        )
         print("\n| t (s) | RSS (MB) |\n|---:|---:|")
         for t, mb in samples:
             print(f"| {t:.0f} | {mb:.1f} |")
-    print(f"\nRecovery — sequential probes right after the load stopped, then after {args.quiet:.0f} s quiet:\n")
+    print(
+        f"\nRecovery — sequential probes right after the load stopped, then after {args.quiet:.0f} s quiet:\n"
+    )
     print("| probe | statuses | latencies (ms) |")
     print("|---|---|---|")
     for name, probes in (("immediately", probes_now), (f"after {args.quiet:.0f} s", probes_later)):
         print(f"| {name} | {[s for s, _, _ in probes]} | {[round(dt * 1000, 1) for _, dt, _ in probes]} |")
     first_ok = next((i for i, (s, _, _) in enumerate(probes_now) if s == 200), None)
-    print(f"\nFirst request after the load: {'succeeded' if first_ok == 0 else f'first 200 at probe {first_ok}'}.")
+    print(
+        f"\nFirst request after the load: {'succeeded' if first_ok == 0 else f'first 200 at probe {first_ok}'}."
+    )
 
 
 def main() -> None:

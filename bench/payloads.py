@@ -13,25 +13,120 @@ PHOTO_SIZE = (640, 480)
 JPEG_QUALITY = 90
 
 # scikit-image ships these real photographs (see shared/MODELS.md).
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "retina", "hubble_deep_field", "immunohistochemistry")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "retina",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
 
 LABELS_10 = [
-    "cat", "dog", "astronaut", "rocket", "cup of coffee",
-    "galaxy", "person", "car", "tree", "building",
+    "cat",
+    "dog",
+    "astronaut",
+    "rocket",
+    "cup of coffee",
+    "galaxy",
+    "person",
+    "car",
+    "tree",
+    "building",
 ]
 _EXTRA = [
-    "airplane", "apple", "backpack", "banana", "baseball bat", "bear", "bed", "bench", "bicycle",
-    "bird", "boat", "book", "bottle", "bowl", "broccoli", "bus", "cake", "camera", "carrot",
-    "cell phone", "chair", "clock", "couch", "cow", "dining table", "donut", "elephant",
-    "fire hydrant", "fork", "frisbee", "giraffe", "hair drier", "handbag", "horse", "hot dog",
-    "keyboard", "kite", "knife", "laptop", "microwave", "motorcycle", "mouse", "orange", "oven",
-    "parking meter", "pizza", "potted plant", "refrigerator", "remote", "sandwich", "scissors",
-    "sheep", "sink", "skateboard", "skis", "snowboard", "spoon", "sports ball", "stop sign",
-    "suitcase", "surfboard", "teddy bear", "tennis racket", "tie", "toaster", "toilet",
-    "toothbrush", "traffic light", "train", "truck", "tv", "umbrella", "vase", "wine glass",
-    "zebra", "microscope slide", "nebula", "space shuttle", "espresso", "kitten", "tabby cat",
-    "portrait", "photographer", "tripod", "saucer", "launch pad", "moon", "star cluster",
-    "tissue sample", "painting",
+    "airplane",
+    "apple",
+    "backpack",
+    "banana",
+    "baseball bat",
+    "bear",
+    "bed",
+    "bench",
+    "bicycle",
+    "bird",
+    "boat",
+    "book",
+    "bottle",
+    "bowl",
+    "broccoli",
+    "bus",
+    "cake",
+    "camera",
+    "carrot",
+    "cell phone",
+    "chair",
+    "clock",
+    "couch",
+    "cow",
+    "dining table",
+    "donut",
+    "elephant",
+    "fire hydrant",
+    "fork",
+    "frisbee",
+    "giraffe",
+    "hair drier",
+    "handbag",
+    "horse",
+    "hot dog",
+    "keyboard",
+    "kite",
+    "knife",
+    "laptop",
+    "microwave",
+    "motorcycle",
+    "mouse",
+    "orange",
+    "oven",
+    "parking meter",
+    "pizza",
+    "potted plant",
+    "refrigerator",
+    "remote",
+    "sandwich",
+    "scissors",
+    "sheep",
+    "sink",
+    "skateboard",
+    "skis",
+    "snowboard",
+    "spoon",
+    "sports ball",
+    "stop sign",
+    "suitcase",
+    "surfboard",
+    "teddy bear",
+    "tennis racket",
+    "tie",
+    "toaster",
+    "toilet",
+    "toothbrush",
+    "traffic light",
+    "train",
+    "truck",
+    "tv",
+    "umbrella",
+    "vase",
+    "wine glass",
+    "zebra",
+    "microscope slide",
+    "nebula",
+    "space shuttle",
+    "espresso",
+    "kitten",
+    "tabby cat",
+    "portrait",
+    "photographer",
+    "tripod",
+    "saucer",
+    "launch pad",
+    "moon",
+    "star cluster",
+    "tissue sample",
+    "painting",
 ]
 LABELS_100 = LABELS_10 + _EXTRA[:90]
 assert len(LABELS_100) == 100 and len(set(LABELS_100)) == 100
@@ -64,8 +159,9 @@ class Body:
     content_type: str
 
 
-def multipart(image: bytes, labels: list[str], adapter: str | None = None,
-              field_image: str = "image") -> Body:
+def multipart(
+    image: bytes, labels: list[str], adapter: str | None = None, field_image: str = "image"
+) -> Body:
     boundary = "promptswapbenchboundary7d1f"
     parts: list[bytes] = []
 
@@ -76,7 +172,9 @@ def multipart(image: bytes, labels: list[str], adapter: str | None = None,
 
     parts.append(
         f'--{boundary}\r\nContent-Disposition: form-data; name="{field_image}"; filename="photo.jpg"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n".encode() + image + b"\r\n"
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+        + image
+        + b"\r\n"
     )
     field("labels", json.dumps(labels))
     if adapter is not None:

@@ -81,13 +81,27 @@ def stage_times(model_dir: str, dtype: str) -> dict:
     ip = clip.processor.image_processor
     size = ip.crop_size["height"]
     out: dict[str, float] = {}
-    out["jpeg decode 640x480 ms"] = float(np.mean([_best_ms(lambda d=d: decode_image(d, max_pixels=10**8), 5) for d in datas]))
+    out["jpeg decode 640x480 ms"] = float(
+        np.mean([_best_ms(lambda d=d: decode_image(d, max_pixels=10**8), 5) for d in datas])
+    )
     images = [decode_image(d, max_pixels=10**8) for d in datas]
-    out["HF image processor ms"] = float(np.mean([_best_ms(lambda im=im: clip.preprocess(im), 5) for im in images]))
-    out["direct resize+crop+normalise ms"] = float(np.mean(
-        [_best_ms(lambda im=im: fast_preprocess(im, size, ip.image_mean, ip.image_std), 5) for im in images]))
-    out["direct vs HF max abs diff"] = float(max(
-        (fast_preprocess(im, size, ip.image_mean, ip.image_std) - clip.preprocess(im)).abs().max() for im in images))
+    out["HF image processor ms"] = float(
+        np.mean([_best_ms(lambda im=im: clip.preprocess(im), 5) for im in images])
+    )
+    out["direct resize+crop+normalise ms"] = float(
+        np.mean(
+            [
+                _best_ms(lambda im=im: fast_preprocess(im, size, ip.image_mean, ip.image_std), 5)
+                for im in images
+            ]
+        )
+    )
+    out["direct vs HF max abs diff"] = float(
+        max(
+            (fast_preprocess(im, size, ip.image_mean, ip.image_std) - clip.preprocess(im)).abs().max()
+            for im in images
+        )
+    )
     out["draft decode ms"] = float(np.mean([_best_ms(lambda d=d: draft_decode(d, size), 5) for d in datas]))
     threads = torch.get_num_threads()
     out["torch threads"] = threads
@@ -99,19 +113,27 @@ def stage_times(model_dir: str, dtype: str) -> dict:
     with torch.inference_mode():
         hf = lambda: clip.model.get_image_features(pixel_values=pixels.to(clip.dtype))  # noqa: E731
         out["HF get_image_features ms/image @ batch 16"] = _best_ms(hf, 1) / batch
-    out["service image_features ms/image @ batch 16"] = _best_ms(lambda: clip.image_features(pixels), 1) / batch
-    out["service image_features + MaPLe prompts ms/image @ batch 16"] = _best_ms(
-        lambda: clip.image_features(pixels, vision), 1) / batch
+    out["service image_features ms/image @ batch 16"] = (
+        _best_ms(lambda: clip.image_features(pixels), 1) / batch
+    )
+    out["service image_features + MaPLe prompts ms/image @ batch 16"] = (
+        _best_ms(lambda: clip.image_features(pixels, vision), 1) / batch
+    )
     prompts = [f"a photo of a {label}." for label in LABELS_10]
     text = 0.02 * torch.randn(len(prompts), 9, 2, clip.model.config.text_config.hidden_size)
     clip.text_features(prompts)
     out["text encoder ms for 10 labels"] = _best_ms(lambda: clip.text_features(prompts), 3)
-    out["text encoder + MaPLe prompts ms for 10 labels"] = _best_ms(lambda: clip.text_features(prompts, text), 3)
+    out["text encoder + MaPLe prompts ms for 10 labels"] = _best_ms(
+        lambda: clip.text_features(prompts, text), 3
+    )
     many = prompts * 16  # 16 adapters' label sets in one forward, as a cross-adapter batch would
     out["text encoder ms for 160 prompts in one forward"] = _best_ms(
-        lambda: clip.text_features(many, text.repeat(16, 1, 1, 1)), 1)
+        lambda: clip.text_features(many, text.repeat(16, 1, 1, 1)), 1
+    )
     torch.set_num_threads(1)
-    out["service image_features ms/image @ batch 16, 1 thread"] = _best_ms(lambda: clip.image_features(pixels), 1) / batch
+    out["service image_features ms/image @ batch 16, 1 thread"] = (
+        _best_ms(lambda: clip.image_features(pixels), 1) / batch
+    )
     torch.set_num_threads(threads)
     return out
 
@@ -122,9 +144,23 @@ def pyspy_during(server, work: Callable[[], object], name: str = "pyspy-classify
     if not Path(exe).exists():
         return None
     raw = OUT / f"{name}.txt"
-    proc = subprocess.Popen([exe, "record", "--pid", str(server.proc.pid), "--rate", "50",
-                             "--format", "raw", "--output", str(raw), "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "record",
+            "--pid",
+            str(server.proc.pid),
+            "--rate",
+            "50",
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(1.0)  # attached
     try:
         work()
@@ -148,8 +184,10 @@ def summarise(raw: Path) -> dict:
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
             continue
-        label = next((c for c, keys in CATEGORIES if any(k in stack for k in keys)),
-                     "other (event loop, HTTP, uvicorn, threads)")
+        label = next(
+            (c for c, keys in CATEGORIES if any(k in stack for k in keys)),
+            "other (event loop, HTTP, uvicorn, threads)",
+        )
         counts[label] += int(n)
     total = sum(counts.values()) or 1
     return {"samples": total, "share %": {k: round(100 * v / total, 1) for k, v in counts.most_common()}}

@@ -111,8 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         clip_dir = save_tiny_clip(work / "tiny-clip")
     cores = os.cpu_count() or 2
     share = max(1, cores // 2)
-    settings = Settings(clip_model=str(clip_dir), device="cpu", dtype="float32", torch_threads=share,
-                        decode_threads=share, adapter_dir=work / "adapters", admin_token=TOKEN)
+    settings = Settings(
+        clip_model=str(clip_dir),
+        device="cpu",
+        dtype="float32",
+        torch_threads=share,
+        decode_threads=share,
+        adapter_dir=work / "adapters",
+        admin_token=TOKEN,
+    )
     images = [encode(make_image(seed)) for seed in range(8)]
     plain = [(multipart(image, LABELS), None) for image in images]
     port = free_port()
@@ -124,15 +131,23 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for replicas in (1, 2):
             # Redeploying with another count scales the running application in place.
-            serve.run(make_app(settings, num_replicas=replicas, ray_actor_options={"num_cpus": share}),
-                      name=APP_NAME, route_prefix="/")
+            serve.run(
+                make_app(settings, num_replicas=replicas, ray_actor_options={"num_cpus": share}),
+                name=APP_NAME,
+                route_prefix="/",
+            )
             asyncio.run(load(url, plain, 4 * args.concurrency, args.concurrency))  # warm-up
             results[f"{replicas} replica(s)"] = asyncio.run(load(url, plain, args.requests, args.concurrency))
 
         for name, seed in (("pets", 0), ("cars", 1)):
-            httpx.post(f"{url}/v1/admin/adapters", headers={"Authorization": f"Bearer {TOKEN}"},
-                       files={"file": ("a.safetensors", adapter_bytes(clip_dir, name, seed=seed))}).raise_for_status()
-        mixed = [(multipart(image, LABELS, adapter=name), name) for image in images for name in ("pets", "cars")]
+            httpx.post(
+                f"{url}/v1/admin/adapters",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                files={"file": ("a.safetensors", adapter_bytes(clip_dir, name, seed=seed))},
+            ).raise_for_status()
+        mixed = [
+            (multipart(image, LABELS, adapter=name), name) for image in images for name in ("pets", "cars")
+        ]
         for first in mixed[:2]:
             # An adapter's first request picks the replica advertising the fewest adapters;
             # the router learns of it ~0.1-1 s later (sent together, both would often share
@@ -144,16 +159,24 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"command: python -m bench.ray_scale {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
-    print(f"machine: {cores} cores; each replica {share} CPU(s), {share} torch thread(s); model {clip_dir.name}")
+    print(
+        f"command: python -m bench.ray_scale {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
+    )
+    print(
+        f"machine: {cores} cores; each replica {share} CPU(s), {share} torch thread(s); model {clip_dir.name}"
+    )
     print(f"{'phase':<24}{'requests':>9}{'failed':>8}{'req/s':>9}  replicas")
     for label, phase in results.items():
         spread = {model: dict(counts) for model, counts in phase.replicas.items()}
-        print(f"{label:<24}{phase.sent:>9}{sum(phase.failures.values()):>8}{phase.throughput:>9.1f}  {spread}")
+        print(
+            f"{label:<24}{phase.sent:>9}{sum(phase.failures.values()):>8}{phase.throughput:>9.1f}  {spread}"
+        )
     one, two = results["1 replica(s)"], results["2 replica(s)"]
     print(f"throughput 2 vs 1 replicas: {two.throughput / one.throughput:.2f}x")
     for model, counts in results["2 replicas, adapters"].replicas.items():
-        print(f"affinity {model}: {max(counts.values()) / sum(counts.values()):.1%} of its requests on its main replica")
+        print(
+            f"affinity {model}: {max(counts.values()) / sum(counts.values()):.1%} of its requests on its main replica"
+        )
     failed = sum(sum(p.failures.values()) for p in results.values())
     return 1 if failed else 0
 

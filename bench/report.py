@@ -37,8 +37,7 @@ def _f(x: float, digits: int = 2) -> str:
 
 
 def find(rows: list[Row], group: str, scenario: str, system: str) -> Row | None:
-    return next((r for r in rows if r.group == group and r.system == system
-                 and scenario in r.scenario), None)
+    return next((r for r in rows if r.group == group and r.system == system and scenario in r.scenario), None)
 
 
 def ratio(a: Row | None, b: Row | None) -> float:
@@ -57,37 +56,72 @@ def targets(run: Run) -> list[Target]:
     swap = find(run.rows, g, "hot swap", "promptswap")
     out = []
     r = ratio(svc, nv)
-    out.append(Target("classify B/32 fp32, 16 clients, 10 labels vs naive", ">= 2.5x",
-                      f"{_f(r)}x (Ray Serve serve.batch earlier: {RAY_SERVE[0] / RAY_SERVE[1]:.1f}x)",
-                      None if math.isnan(r) else r >= 2.5))
+    out.append(
+        Target(
+            "classify B/32 fp32, 16 clients, 10 labels vs naive",
+            ">= 2.5x",
+            f"{_f(r)}x (Ray Serve serve.batch earlier: {RAY_SERVE[0] / RAY_SERVE[1]:.1f}x)",
+            None if math.isnan(r) else r >= 2.5,
+        )
+    )
     r = ratio(svc, ceil)
-    out.append(Target("classify B/32 fp32, 16 clients, 10 labels vs raw model ceiling", ">= 0.8x",
-                      f"{_f(r)}x", None if math.isnan(r) else r >= 0.8))
+    out.append(
+        Target(
+            "classify B/32 fp32, 16 clients, 10 labels vs raw model ceiling",
+            ">= 0.8x",
+            f"{_f(r)}x",
+            None if math.isnan(r) else r >= 0.8,
+        )
+    )
     r = ratio(many, one)
     label = many.scenario.split(",")[1].strip() if many else "100 adapters"
     first = find(run.rows, g, "first use each", "promptswap")
-    caveat = " (warm-up pass cut by the time bound: some adapters were still cold)" if first and \
-        first.notes.get("truncated") else ""
-    out.append(Target(f"{label} vs 1 adapter throughput", ">= 0.9x", f"{_f(r)}x{caveat}",
-                      None if math.isnan(r) else r >= 0.9))
+    caveat = (
+        " (warm-up pass cut by the time bound: some adapters were still cold)"
+        if first and first.notes.get("truncated")
+        else ""
+    )
+    out.append(
+        Target(
+            f"{label} vs 1 adapter throughput",
+            ">= 0.9x",
+            f"{_f(r)}x{caveat}",
+            None if math.isnan(r) else r >= 0.9,
+        )
+    )
     p50 = run.adapter_load["p50_ms"] if run.adapter_load else float("nan")
-    out.append(Target("cold adapter load p50 (read + verify + place)", "< 10 ms", f"{_f(p50, 2)} ms",
-                      None if math.isnan(p50) else p50 < 10))
-    out.append(Target("hot swap under load: failed requests", "0",
-                      "–" if swap is None else f"{swap.failed} of {swap.n}",
-                      None if swap is None else swap.failed == 0))
+    out.append(
+        Target(
+            "cold adapter load p50 (read + verify + place)",
+            "< 10 ms",
+            f"{_f(p50, 2)} ms",
+            None if math.isnan(p50) else p50 < 10,
+        )
+    )
+    out.append(
+        Target(
+            "hot swap under load: failed requests",
+            "0",
+            "–" if swap is None else f"{swap.failed} of {swap.n}",
+            None if swap is None else swap.failed == 0,
+        )
+    )
     return out
 
 
 def _table(rows: list[Row]) -> list[str]:
-    lines = ["| scenario | system | clients | ok / sent | failed | req/s | p50 ms | p95 ms | p99 ms | notes |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| scenario | system | clients | ok / sent | failed | req/s | p50 ms | p95 ms | p99 ms | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         notes = "; ".join(f"{k}: {v}" for k, v in r.notes.items() if k != "cmd")
         unit = " img/s" if r.system == "ceiling" else ""
         lat = (_f(r.p50_ms, 0) + " (per batch)") if r.system == "ceiling" else _f(r.p50_ms, 0)
-        lines.append(f"| {r.scenario} | {r.system} | {r.clients or '–'} | {r.ok} / {r.n} | {r.failed} | "
-                     f"{_f(r.rps)}{unit} | {lat} | {_f(r.p95_ms, 0)} | {_f(r.p99_ms, 0)} | {notes} |")
+        lines.append(
+            f"| {r.scenario} | {r.system} | {r.clients or '–'} | {r.ok} / {r.n} | {r.failed} | "
+            f"{_f(r.rps)}{unit} | {lat} | {_f(r.p95_ms, 0)} | {_f(r.p99_ms, 0)} | {notes} |"
+        )
     return lines
 
 
@@ -102,8 +136,7 @@ def ceiling_row(rows: list[Row], group: str) -> Row | None:
 def _ratios(rows: list[Row], group: str) -> list[str]:
     ceil = ceiling_row(rows, group)
     lines = []
-    for scenario in ("zero-shot, 10 labels", "zero-shot, 100 labels", "MaPLe, 1 adapter",
-                     "adapters uniform"):
+    for scenario in ("zero-shot, 10 labels", "zero-shot, 100 labels", "MaPLe, 1 adapter", "adapters uniform"):
         svc = find(rows, group, scenario, "promptswap")
         if svc is None:
             continue
@@ -147,34 +180,66 @@ def write(run: Run, path: Path, proposals: list[str]) -> None:
     groups = list(dict.fromkeys(r.group for r in run.rows))
     for g in groups:
         rows = [r for r in run.rows if r.group == g]
-        lines += ["", f"## {g}", "", *_table(rows), "", "Ratios (same run, same model files and payloads):", "",
-                  *_ratios(run.rows, g)]
+        lines += [
+            "",
+            f"## {g}",
+            "",
+            *_table(rows),
+            "",
+            "Ratios (same run, same model files and payloads):",
+            "",
+            *_ratios(run.rows, g),
+        ]
     if run.skipped:
         lines += ["", "Skipped: " + "; ".join(run.skipped)]
-    lines += ["", "Reading the figures: this 2-core VM is shared with other jobs (see the load averages); "
-              "the two ceiling rows of one run can differ by 10-50%, so compare rows of one run only. "
-              "A churn row's req/s counts only successful requests over the whole run."]
+    lines += [
+        "",
+        "Reading the figures: this 2-core VM is shared with other jobs (see the load averages); "
+        "the two ceiling rows of one run can differ by 10-50%, so compare rows of one run only. "
+        "A churn row's req/s counts only successful requests over the whole run.",
+    ]
     lines += ["", "## Cold adapter load", ""]
     if run.adapter_load:
         a = run.adapter_load
-        lines.append(f"`AdapterRegistry._read_and_place` in-process (read + parse + sha256 verify + fingerprint "
-                     f"check + place), {a['n']} distinct files of {a['file_bytes']} bytes (n_ctx 2, depth 9, "
-                     f"B/32): p50 **{_f(a['p50_ms'])} ms**, p95 {_f(a['p95_ms'])} ms, max {_f(a['max_ms'])} ms. "
-                     "The churn row above gives the same load measured inside the loaded server "
-                     "(`promptswap_adapter_load_seconds`, which also counts waiting for an I/O thread).")
+        lines.append(
+            f"`AdapterRegistry._read_and_place` in-process (read + parse + sha256 verify + fingerprint "
+            f"check + place), {a['n']} distinct files of {a['file_bytes']} bytes (n_ctx 2, depth 9, "
+            f"B/32): p50 **{_f(a['p50_ms'])} ms**, p95 {_f(a['p95_ms'])} ms, max {_f(a['max_ms'])} ms. "
+            "The churn row above gives the same load measured inside the loaded server "
+            "(`promptswap_adapter_load_seconds`, which also counts waiting for an I/O thread)."
+        )
     if run.stages:
-        lines += ["", "## Where the time goes (B/32 float32)", "",
-                  "In-process, one image at a time unless a batch is named (`bench/profile.py`):", "",
-                  "| stage | value |", "|---|---:|"]
+        lines += [
+            "",
+            "## Where the time goes (B/32 float32)",
+            "",
+            "In-process, one image at a time unless a batch is named (`bench/profile.py`):",
+            "",
+            "| stage | value |",
+            "|---|---:|",
+        ]
         lines += [f"| {k} | {_f(v) if isinstance(v, float) else v} |" for k, v in run.stages.items()]
     if run.pyspy:
-        lines += ["", f"py-spy on the running service during 48 one-adapter requests ({run.pyspy['samples']} "
-                  "on-CPU samples, all threads; raw stacks in `bench/out/pyspy-classify.txt`):", ""]
+        lines += [
+            "",
+            f"py-spy on the running service during 48 one-adapter requests ({run.pyspy['samples']} "
+            "on-CPU samples, all threads; raw stacks in `bench/out/pyspy-classify.txt`):",
+            "",
+        ]
         lines += [f"- {k}: {v}%" for k, v in run.pyspy["share %"].items()]
     lines += ["", "## Proposed service changes (ranked)", "", *proposals]
     cmds = list(dict.fromkeys(r.notes["cmd"] for r in run.rows if "cmd" in r.notes))
-    lines += ["", "## Exact commands", "", "```", *cmds, "```",
-              "", "Load generator: `bench/loadgen.py` (httpx.AsyncClient, 127.0.0.1 only, pre-encoded "
-              "multipart bodies, fixed request count, time-bounded). Adapters: `bench/adapter_files.py` "
-              "(`adapters.format.dump_adapter`), uploaded through `POST /v1/admin/adapters`.", ""]
+    lines += [
+        "",
+        "## Exact commands",
+        "",
+        "```",
+        *cmds,
+        "```",
+        "",
+        "Load generator: `bench/loadgen.py` (httpx.AsyncClient, 127.0.0.1 only, pre-encoded "
+        "multipart bodies, fixed request count, time-bounded). Adapters: `bench/adapter_files.py` "
+        "(`adapters.format.dump_adapter`), uploaded through `POST /v1/admin/adapters`.",
+        "",
+    ]
     path.write_text("\n".join(lines))

@@ -48,8 +48,20 @@ class Row:
             notes["truncated"] = "time bound hit"
         if r.failures:
             notes["failures"] = dict(r.failures)
-        return cls(group, scenario, system, clients, r.sent, r.ok, r.failed, r.throughput,
-                   1000 * r.percentile(50), 1000 * r.percentile(95), 1000 * r.percentile(99), notes)
+        return cls(
+            group,
+            scenario,
+            system,
+            clients,
+            r.sent,
+            r.ok,
+            r.failed,
+            r.throughput,
+            1000 * r.percentile(50),
+            1000 * r.percentile(95),
+            1000 * r.percentile(99),
+            notes,
+        )
 
 
 @dataclass
@@ -85,20 +97,32 @@ def _bodies(labels: list[str], adapters: list[str | None]) -> list[Body]:
 
 
 def _load(url: str, bodies: list[Body], clients: int, max_s: float, keep: int = 0) -> LoadResult:
-    return asyncio.run(run_load(url + "/v1/classify", lambda i: bodies[i], n_requests=len(bodies),
-                                concurrency=clients, max_seconds=max_s, keep_answers=keep))
+    return asyncio.run(
+        run_load(
+            url + "/v1/classify",
+            lambda i: bodies[i],
+            n_requests=len(bodies),
+            concurrency=clients,
+            max_seconds=max_s,
+            keep_answers=keep,
+        )
+    )
 
 
 def _server_notes(before: dict, after: dict) -> dict:
     batch = scrape.hist(before, after, "promptswap_batch_size", 'queue="classify"')
     infer = scrape.hist(before, after, "promptswap_inference_seconds", 'queue="classify"')
     wait = scrape.hist(before, after, "promptswap_queue_wait_seconds", 'queue="classify"')
-    return {"mean batch": round(batch.mean, 1), "model s/batch": round(infer.mean, 3),
-            "queue wait mean s": round(wait.mean, 3)}
+    return {
+        "mean batch": round(batch.mean, 1),
+        "model s/batch": round(infer.mean, 3),
+        "queue wait mean s": round(wait.mean, 3),
+    }
 
 
-def measure_service(server: servers.Server, group: str, scenario: str, bodies: list[Body],
-                    plan: Plan, keep: int = 0) -> tuple[Row, LoadResult]:
+def measure_service(
+    server: servers.Server, group: str, scenario: str, bodies: list[Body], plan: Plan, keep: int = 0
+) -> tuple[Row, LoadResult]:
     before = scrape.scrape(server.url)
     result = _load(server.url, bodies, plan.clients, plan.max_seconds, keep)
     notes = _server_notes(before, scrape.scrape(server.url))
@@ -110,31 +134,60 @@ def measure_service(server: servers.Server, group: str, scenario: str, bodies: l
 
 def ceiling(model: Path, dtype: str, batch: int, seconds: float, group: str, tag: str = "") -> Row:
     """In-process get_image_features at the service's max batch, in its own process."""
-    cmd = [sys.executable, "-m", "bench.ceiling", "--model", str(model), "--dtype", dtype,
-           "--batch", str(batch), "--seconds", str(seconds)]
-    out = subprocess.run(cmd, cwd=servers.REPO, capture_output=True, text=True, check=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.ceiling",
+        "--model",
+        str(model),
+        "--dtype",
+        dtype,
+        "--batch",
+        str(batch),
+        "--seconds",
+        str(seconds),
+    ]
+    out = subprocess.run(
+        cmd,
+        cwd=servers.REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
     figures = __import__("json").loads(out.stdout.strip().splitlines()[-1])
-    return Row(group, f"image encoder, batch {batch}{tag}", "ceiling", n=figures["batch"] * figures["batches"],
-               ok=figures["batch"] * figures["batches"], rps=figures["images_per_s"],
-               p50_ms=1000 * figures["batch_s_median"],
-               notes={"cmd": "python " + " ".join(cmd[1:]), "threads": figures["threads"]})
+    return Row(
+        group,
+        f"image encoder, batch {batch}{tag}",
+        "ceiling",
+        n=figures["batch"] * figures["batches"],
+        ok=figures["batch"] * figures["batches"],
+        rps=figures["images_per_s"],
+        p50_ms=1000 * figures["batch_s_median"],
+        notes={"cmd": "python " + " ".join(cmd[1:]), "threads": figures["threads"]},
+    )
 
 
 def naive(model: Path, dtype: str, group: str, n: int, plan: Plan, labels_100: bool) -> list[Row]:
     port = servers.free_port()
     env = {"NAIVE_MODEL": str(model), "NAIVE_DTYPE": dtype}
-    server = servers.start(f"naive-{group.replace('/', '').replace(' ', '-')}", servers.naive_argv(port), env, port)
+    server = servers.start(
+        f"naive-{group.replace('/', '').replace(' ', '-')}", servers.naive_argv(port), env, port
+    )
     rows = []
     try:
         warm = _bodies(LABELS_10, [None] * 2)
         _load(server.url, warm, 2, plan.max_seconds)
         r = _load(server.url, _bodies(LABELS_10, [None] * n), plan.clients, plan.max_seconds)
-        rows.append(Row.of(group, "zero-shot, 10 labels", "naive", plan.clients, r,
-                           cmd=_cmd(server)))
+        rows.append(Row.of(group, "zero-shot, 10 labels", "naive", plan.clients, r, cmd=_cmd(server)))
         if labels_100:
-            r = _load(server.url, _bodies(LABELS_100, [None] * plan.n_100_labels_naive), plan.clients,
-                      plan.max_seconds)
+            r = _load(
+                server.url,
+                _bodies(LABELS_100, [None] * plan.n_100_labels_naive),
+                plan.clients,
+                plan.max_seconds,
+            )
             rows.append(Row.of(group, "zero-shot, 100 labels", "naive", plan.clients, r))
     finally:
         server.stop()
@@ -146,8 +199,9 @@ def _cmd(server: servers.Server) -> str:
     return f"{env} python {' '.join(server.argv)}".strip()
 
 
-def start_service(model: Path, dtype: str, group: str, tag: str, adapter_dir: Path,
-                  **options: object) -> servers.Server:
+def start_service(
+    model: Path, dtype: str, group: str, tag: str, adapter_dir: Path, **options: object
+) -> servers.Server:
     port = servers.free_port()
     env = {"PROMPTSWAP_DTYPE": dtype, "PROMPTSWAP_ADMIN_TOKEN": ADMIN_TOKEN}
     name = f"promptswap-{group.replace('/', '').replace(' ', '-')}-{tag}"
@@ -175,8 +229,9 @@ def service_suite(model: Path, dtype: str, group: str, plan: Plan, full_suite: b
         rows.append(row)
         if plan.labels_100 and full_suite:
             _load(server.url, _bodies(LABELS_100, [None] * 2), 2, plan.max_seconds)  # text into cache
-            row, _ = measure_service(server, group, "zero-shot, 100 labels",
-                                     _bodies(LABELS_100, [None] * n), plan)
+            row, _ = measure_service(
+                server, group, "zero-shot, 100 labels", _bodies(LABELS_100, [None] * n), plan
+            )
             rows.append(row)
         if not full_suite:
             return rows
@@ -188,22 +243,36 @@ def service_suite(model: Path, dtype: str, group: str, plan: Plan, full_suite: b
         row.notes["adapter"] = f"n_ctx {N_CTX}, depth {DEPTH}"
         rows.append(row)
         first = [task_name(i) for i in range(plan.n_adapters)]
-        row, _ = measure_service(server, group, f"MaPLe, {plan.n_adapters} adapters, first use each",
-                                 _bodies(LABELS_10, first), plan)
+        row, _ = measure_service(
+            server,
+            group,
+            f"MaPLe, {plan.n_adapters} adapters, first use each",
+            _bodies(LABELS_10, first),
+            plan,
+        )
         row.notes["what"] = "cold: adapter load + 10 text embeddings per adapter"
         rows.append(row)
         rng = random.Random(6)
         drawn = [task_name(rng.randrange(plan.n_adapters)) for _ in range(n)]
-        row, _ = measure_service(server, group, f"MaPLe, {plan.n_adapters} adapters uniform, 10 labels",
-                                 _bodies(LABELS_10, drawn), plan)
+        row, _ = measure_service(
+            server,
+            group,
+            f"MaPLe, {plan.n_adapters} adapters uniform, 10 labels",
+            _bodies(LABELS_10, drawn),
+            plan,
+        )
         row.notes["distinct per batch"] = "up to 16"
         rows.append(row)
         rows.append(hot_swap(server, model, group, n, plan))
         if plan.profile:
             from .profile import pyspy_during
 
-            pyspy_during(server, lambda: _load(server.url, _bodies(LABELS_10, [task_name(0)] * 32),
-                                               plan.clients, plan.max_seconds))
+            pyspy_during(
+                server,
+                lambda: _load(
+                    server.url, _bodies(LABELS_10, [task_name(0)] * 32), plan.clients, plan.max_seconds
+                ),
+            )
     finally:
         server.stop()
     rows.append(churn(model, dtype, group, adapter_dir, n, plan))
@@ -227,8 +296,9 @@ def hot_swap(server: servers.Server, model: Path, group: str, n: int, plan: Plan
                 while not stop.is_set():
                     await asyncio.sleep(plan.swap_every_s)
                     try:
-                        got = await upload(client, server.url, ADMIN_TOKEN, "swap",
-                                           adapter_bytes(model, "swap", seed))
+                        got = await upload(
+                            client, server.url, ADMIN_TOKEN, "swap", adapter_bytes(model, "swap", seed)
+                        )
                         uploads.append(got["version"])
                     except httpx.HTTPError as exc:
                         upload_errors.append(repr(exc))
@@ -236,8 +306,14 @@ def hot_swap(server: servers.Server, model: Path, group: str, n: int, plan: Plan
 
         task = asyncio.create_task(uploader())
         try:
-            return await run_load(server.url + "/v1/classify", lambda i: bodies[i], n_requests=n,
-                                  concurrency=plan.clients, max_seconds=plan.max_seconds, keep_answers=n)
+            return await run_load(
+                server.url + "/v1/classify",
+                lambda i: bodies[i],
+                n_requests=n,
+                concurrency=plan.clients,
+                max_seconds=plan.max_seconds,
+                keep_answers=n,
+            )
         finally:
             stop.set()
             await task
@@ -246,10 +322,21 @@ def hot_swap(server: servers.Server, model: Path, group: str, n: int, plan: Plan
     result = asyncio.run(run())
     notes = _server_notes(before, scrape.scrape(server.url))
     seen = sorted({a["adapter"] for a in result.answers}, key=lambda k: int(k.split("@")[1]))
-    notes.update({"versions uploaded": len(uploads), "upload errors": len(upload_errors),
-                  "versions answered": f"{len(seen)} ({seen[0]} .. {seen[-1]})" if seen else "0"})
-    row = Row.of(group, f"hot swap: new version every {plan.swap_every_s:g} s", "promptswap",
-                 plan.clients, result, **notes)
+    notes.update(
+        {
+            "versions uploaded": len(uploads),
+            "upload errors": len(upload_errors),
+            "versions answered": f"{len(seen)} ({seen[0]} .. {seen[-1]})" if seen else "0",
+        }
+    )
+    row = Row.of(
+        group,
+        f"hot swap: new version every {plan.swap_every_s:g} s",
+        "promptswap",
+        plan.clients,
+        result,
+        **notes,
+    )
     row.failed += len(upload_errors)
     return row
 
@@ -258,25 +345,39 @@ def churn(model: Path, dtype: str, group: str, adapter_dir: Path, n: int, plan: 
     """(c) adapters drawn uniformly from more than the device cache holds."""
     per_adapter = DEPTH * N_CTX * (512 + 768) * (2 if dtype in ("bfloat16", "float16") else 4)
     cache = plan.churn_cache_adapters * per_adapter
-    server = start_service(model, dtype, group, "churn", adapter_dir, adapter_cache_bytes=cache,
-                           request_timeout_s=plan.request_timeout_s)
+    server = start_service(
+        model,
+        dtype,
+        group,
+        "churn",
+        adapter_dir,
+        adapter_cache_bytes=cache,
+        request_timeout_s=plan.request_timeout_s,
+    )
     try:
         names = [task_name(i) for i in range(plan.churn_adapters)]
         _load(server.url, _bodies(LABELS_10, names), plan.clients, plan.max_seconds)  # text cache warm
         rng = random.Random(7)
         drawn = [names[rng.randrange(len(names))] for _ in range(n)]
         before = scrape.scrape(server.url)
-        row, _ = measure_service(server, group, f"churn: {plan.churn_adapters} adapters, cache holds "
-                                 f"{plan.churn_cache_adapters}", _bodies(LABELS_10, drawn), plan)
+        row, _ = measure_service(
+            server,
+            group,
+            f"churn: {plan.churn_adapters} adapters, cache holds {plan.churn_cache_adapters}",
+            _bodies(LABELS_10, drawn),
+            plan,
+        )
         after = scrape.scrape(server.url)
         loads = scrape.hist(before, after, "promptswap_adapter_load_seconds")
-        row.notes.update({
-            "adapter loads": int(loads.count),
-            "evictions": int(scrape.counter(before, after, "promptswap_adapter_evictions_total")),
-            "load mean ms (in server)": round(1000 * loads.mean, 2),
-            "load p50 <= ms (bucket)": 1000 * loads.quantile(0.5),
-            "cmd": _cmd(server),
-        })
+        row.notes.update(
+            {
+                "adapter loads": int(loads.count),
+                "evictions": int(scrape.counter(before, after, "promptswap_adapter_evictions_total")),
+                "load mean ms (in server)": round(1000 * loads.mean, 2),
+                "load p50 <= ms (bucket)": 1000 * loads.quantile(0.5),
+                "cmd": _cmd(server),
+            }
+        )
         return row
     finally:
         server.stop()
@@ -286,4 +387,9 @@ def chat(group: str) -> Row:
     """(e) Chat (LLaVA), not measured yet. Hook: build a LLaVA checkpoint in real shapes in
     bench/models.py, start the service with ``--llava-model DIR``, send image + instruction
     bodies to /v1/chat with ``run_load`` and report tokens/s and time to first token."""
-    return Row(group, "chat (LLaVA)", "promptswap", notes={"skipped": "not wired in yet; bench/chat.py measures chat on its own (hook: scenarios.chat)"})
+    return Row(
+        group,
+        "chat (LLaVA)",
+        "promptswap",
+        notes={"skipped": "not wired in yet; bench/chat.py measures chat on its own (hook: scenarios.chat)"},
+    )

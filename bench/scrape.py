@@ -53,7 +53,7 @@ def hist(before: dict[str, float], after: dict[str, float], name: str, labels: s
     prefix = f"{name}_bucket{{" + (labels + "," if labels else "")
     for key in after:
         if key.startswith(prefix):
-            le = key[len(prefix):].split('le="')[1].split('"')[0]
+            le = key[len(prefix) :].split('le="')[1].split('"')[0]
             buckets.append((math.inf if le == "+Inf" else float(le), get(key)))
     buckets.sort()
     return Hist(get(f"{name}_count{sel}"), get(f"{name}_sum{sel}"), buckets)

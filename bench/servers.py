@@ -48,14 +48,26 @@ class Server:
                 self.proc.wait()
 
 
-def start(name: str, argv: list[str], env: dict[str, str], port: int,
-          ready_path: str = "/readyz", timeout_s: float = 180) -> Server:
+def start(
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    port: int,
+    ready_path: str = "/readyz",
+    timeout_s: float = 180,
+) -> Server:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = open(LOG_DIR / f"{name}.log", "wb")
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "PYTHONUNBUFFERED": "1", **env}
-    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=full_env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, *argv], cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT
+    )
     server = Server(name, argv, env, port, proc)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -74,13 +86,35 @@ def start(name: str, argv: list[str], env: dict[str, str], port: int,
 def service_argv(model: Path, port: int, adapter_dir: Path, **options: object) -> list[str]:
     """The dtype goes in PROMPTSWAP_DTYPE: ``--dtype float32`` is refused by the CLI today
     (its option-type guess reads the Literal's "float32" as a float option)."""
-    argv = ["-m", "service", "serve", "--clip-model", str(model), "--device", "cpu",
-            "--port", str(port), "--adapter-dir", str(adapter_dir), "--log-level", "warning"]
+    argv = [
+        "-m",
+        "service",
+        "serve",
+        "--clip-model",
+        str(model),
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--adapter-dir",
+        str(adapter_dir),
+        "--log-level",
+        "warning",
+    ]
     for key, value in options.items():
         argv += ["--" + key.replace("_", "-"), str(value)]
     return argv
 
 
 def naive_argv(port: int) -> list[str]:
-    return ["-m", "uvicorn", "bench.naive_app:app", "--host", HOST, "--port", str(port),
-            "--log-level", "warning"]
+    return [
+        "-m",
+        "uvicorn",
+        "bench.naive_app:app",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]

@@ -91,25 +91,38 @@ class Reference:
         self.pngs = [encode(img) for img in self.images]
         self.cache: dict[tuple[int, tuple[str, ...], int | None], list[float]] = {}
 
-    def logits(self, image: int, labels: tuple[str, ...], seed: int | None,
-               text_seed: int | None | str = "same") -> list[float]:
+    def logits(
+        self, image: int, labels: tuple[str, ...], seed: int | None, text_seed: int | None | str = "same"
+    ) -> list[float]:
         """``text_seed`` other than "same": image prompts of ``seed``, text prompts of
         ``text_seed`` (diagnoses a text embedding cached for an earlier content)."""
         if text_seed != "same":
-            inputs = self.processor(text=[TEMPLATE.format(x) for x in labels], images=self.images[image],
-                                    return_tensors="pt", padding=True)
+            inputs = self.processor(
+                text=[TEMPLATE.format(x) for x in labels],
+                images=self.images[image],
+                return_tensors="pt",
+                padding=True,
+            )
             fi, ft = (random_folded(self.config, s) if s is not None else None for s in (seed, text_seed))
             with torch.inference_mode():
                 img = encode_image(self.model, inputs["pixel_values"], fi.vision[None] if fi else None)
-                txt = encode_text(self.model, inputs["input_ids"], inputs["attention_mask"],
-                                  ft.text[None].expand(len(labels), -1, -1, -1) if ft else None)
+                txt = encode_text(
+                    self.model,
+                    inputs["input_ids"],
+                    inputs["attention_mask"],
+                    ft.text[None].expand(len(labels), -1, -1, -1) if ft else None,
+                )
                 img = img / img.norm(dim=-1, keepdim=True)
                 txt = txt / txt.norm(dim=-1, keepdim=True)
                 return (self.model.logit_scale.exp() * img @ txt.T)[0].tolist()
         key = (image, labels, seed)
         if key not in self.cache:
-            inputs = self.processor(text=[TEMPLATE.format(x) for x in labels], images=self.images[image],
-                                    return_tensors="pt", padding=True)
+            inputs = self.processor(
+                text=[TEMPLATE.format(x) for x in labels],
+                images=self.images[image],
+                return_tensors="pt",
+                padding=True,
+            )
             with torch.inference_mode():
                 if seed is None:
                     img = encode_image(self.model, inputs["pixel_values"])
@@ -117,8 +130,12 @@ class Reference:
                 else:
                     folded = random_folded(self.config, seed)
                     img = encode_image(self.model, inputs["pixel_values"], folded.vision[None])
-                    txt = encode_text(self.model, inputs["input_ids"], inputs["attention_mask"],
-                                      folded.text[None].expand(len(labels), -1, -1, -1))
+                    txt = encode_text(
+                        self.model,
+                        inputs["input_ids"],
+                        inputs["attention_mask"],
+                        folded.text[None].expand(len(labels), -1, -1, -1),
+                    )
                 img = img / img.norm(dim=-1, keepdim=True)
                 txt = txt / txt.norm(dim=-1, keepdim=True)
                 self.cache[key] = (self.model.logit_scale.exp() * img @ txt.T)[0].tolist()
@@ -146,14 +163,18 @@ class World:
     seeds: Iterator[int] = field(default_factory=lambda: itertools.count(1000))  # adapter contents
 
     def possible(self, key: str, t0: float, t1: float) -> list[Life]:
-        return [l for l in self.lives.get(key, []) if l.loose_start <= t1 and l.loose_end >= t0]
+        return [life for life in self.lives.get(key, []) if life.loose_start <= t1 and life.loose_end >= t0]
 
     def surely_existed(self, target: str, t0: float, t1: float) -> bool:
         """True if ``target`` (name or name@v) certainly resolved during all of [t0, t1]."""
         if "@" in target:
-            return any(l.sure_start <= t0 and l.sure_end >= t1 for l in self.lives.get(target, []))
-        spans = sorted((l.sure_start, l.sure_end) for k, ls in self.lives.items()
-                       if k.split("@")[0] == target for l in ls)
+            return any(life.sure_start <= t0 and life.sure_end >= t1 for life in self.lives.get(target, []))
+        spans = sorted(
+            (life.sure_start, life.sure_end)
+            for k, ls in self.lives.items()
+            if k.split("@")[0] == target
+            for life in ls
+        )
         covered = t0
         for start, end in spans:
             if start > covered:
@@ -175,8 +196,16 @@ class Stats:
     latencies: list[float] = field(default_factory=list)
 
 
-async def classify_worker(client: httpx.AsyncClient, url: str, ref: Reference, world: World, stats: Stats,
-                          rng: random.Random, deadline: float, max_requests: int) -> None:
+async def classify_worker(
+    client: httpx.AsyncClient,
+    url: str,
+    ref: Reference,
+    world: World,
+    stats: Stats,
+    rng: random.Random,
+    deadline: float,
+    max_requests: int,
+) -> None:
     for _ in range(max_requests):
         if time.monotonic() > deadline:
             return
@@ -201,7 +230,9 @@ async def classify_worker(client: httpx.AsyncClient, url: str, ref: Reference, w
         stats.requests[kind] += 1
         t0 = time.monotonic()
         try:
-            resp = await client.post(url + "/v1/classify", files={"image": ("i.png", ref.pngs[image])}, data=data)
+            resp = await client.post(
+                url + "/v1/classify", files={"image": ("i.png", ref.pngs[image])}, data=data
+            )
         except httpx.TimeoutException:
             stats.lost["timeout"] += 1
             continue
@@ -217,8 +248,9 @@ async def classify_worker(client: httpx.AsyncClient, url: str, ref: Reference, w
                 code = resp.json()["error"]["code"]
             except Exception:
                 code = "?"
-            expected = (resp.status_code == 404 and target is not None
-                        and not world.surely_existed(target, t0, t1))
+            expected = (
+                resp.status_code == 404 and target is not None and not world.surely_existed(target, t0, t1)
+            )
             stats.client_errors[(kind, resp.status_code, code, expected)] += 1
             if not expected:
                 stats.wrong.append(f"{kind} {target}: {resp.status_code} {resp.text[:120]}")
@@ -232,37 +264,71 @@ async def classify_worker(client: httpx.AsyncClient, url: str, ref: Reference, w
         elif key is None or key.split("@")[0] != target.split("@")[0] or ("@" in target and key != target):
             candidates = []
         else:
-            candidates = [l.seed for l in world.possible(key, t0, t1)]
+            candidates = [life.seed for life in world.possible(key, t0, t1)]
         if set(got) != set(labels):
             stats.wrong.append(f"{kind} {target}: labels {sorted(got)}")
             continue
         answer = [got[x] for x in labels]
-        if any(all(abs(a - e) <= TOL for a, e in zip(answer, ref.logits(image, labels, seed)))
-               for seed in candidates):
+        if any(
+            all(abs(a - e) <= TOL for a, e in zip(answer, ref.logits(image, labels, seed), strict=False))
+            for seed in candidates
+        ):
             stats.ok[kind] += 1
         else:
-            stale = [l.seed for l in world.lives.get(key or "", []) if l.seed not in candidates and all(
-                abs(a - e) <= TOL for a, e in zip(answer, ref.logits(image, labels, l.seed)))]
-            mixed = [(a.seed, b.seed) for a in world.lives.get(key or "", []) for b in world.lives.get(key or "", [])
-                     if a is not b and all(abs(x - e) <= TOL for x, e in
-                                           zip(answer, ref.logits(image, labels, a.seed, b.seed)))]
-            why = (f"matches an earlier content of {key} (seed {stale})" if stale else
-                   f"image prompts of seed {mixed[0][0]} with TEXT embeddings of earlier content seed "
-                   f"{mixed[0][1]} of the same key" if mixed else "matches no content")
+            stale = [
+                life.seed
+                for life in world.lives.get(key or "", [])
+                if life.seed not in candidates
+                and all(
+                    abs(a - e) <= TOL
+                    for a, e in zip(answer, ref.logits(image, labels, life.seed), strict=False)
+                )
+            ]
+            mixed = [
+                (a.seed, b.seed)
+                for a in world.lives.get(key or "", [])
+                for b in world.lives.get(key or "", [])
+                if a is not b
+                and all(
+                    abs(x - e) <= TOL
+                    for x, e in zip(answer, ref.logits(image, labels, a.seed, b.seed), strict=False)
+                )
+            ]
+            why = (
+                f"matches an earlier content of {key} (seed {stale})"
+                if stale
+                else f"image prompts of seed {mixed[0][0]} with TEXT embeddings of earlier content seed "
+                f"{mixed[0][1]} of the same key"
+                if mixed
+                else "matches no content"
+            )
             stats.wrong.append(f"{kind} {target} -> {key}: {why}; expected seed {candidates}")
 
 
-async def admin_worker(client: httpx.AsyncClient, url: str, clip_dir: Path, world: World, stats: Stats,
-                       rng: random.Random, deadline: float, max_ops: int, pause_s: float,
-                       initial: bool = False) -> None:
+async def admin_worker(
+    client: httpx.AsyncClient,
+    url: str,
+    clip_dir: Path,
+    world: World,
+    stats: Stats,
+    rng: random.Random,
+    deadline: float,
+    max_ops: int,
+    pause_s: float,
+    initial: bool = False,
+) -> None:
 
     async def upload(name: str, op: str) -> None:
         seed = next(world.seeds)
         data = adapter_bytes(clip_dir, name, seed=seed)
         t0 = time.monotonic()
         try:
-            resp = await client.post(url + "/v1/admin/adapters", headers=AUTH, data={"name": name},
-                                     files={"file": (f"{name}.safetensors", data, "application/octet-stream")})
+            resp = await client.post(
+                url + "/v1/admin/adapters",
+                headers=AUTH,
+                data={"name": name},
+                files={"file": (f"{name}.safetensors", data, "application/octet-stream")},
+            )
         except httpx.HTTPError as exc:
             stats.admin[(op, type(exc).__name__)] += 1
             return  # unknown outcome: a later answer for it counts as wrong (conservative)
@@ -321,8 +387,9 @@ async def admin_worker(client: httpx.AsyncClient, url: str, clip_dir: Path, worl
             await upload(name, "upload new version (hot swap)")
 
 
-async def rss_sampler(pid: int, samples: list[tuple[float, float]], started: float, stop: asyncio.Event,
-                      every_s: float) -> None:
+async def rss_sampler(
+    pid: int, samples: list[tuple[float, float]], started: float, stop: asyncio.Event, every_s: float
+) -> None:
     while not stop.is_set():
         try:
             samples.append((time.monotonic() - started, rss_mb(pid)))
@@ -330,7 +397,7 @@ async def rss_sampler(pid: int, samples: list[tuple[float, float]], started: flo
             return
         try:
             await asyncio.wait_for(stop.wait(), every_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -349,8 +416,9 @@ async def soak(args: argparse.Namespace) -> None:
     adapter_dir = OUT / "soak-adapters"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     port = servers.free_port()
-    argv = servers.service_argv(clip_dir, port, adapter_dir, adapter_cache_bytes=args.cache_bytes,
-                                max_wait_ms=2, request_timeout_s=30)
+    argv = servers.service_argv(
+        clip_dir, port, adapter_dir, adapter_cache_bytes=args.cache_bytes, max_wait_ms=2, request_timeout_s=30
+    )
     env = {"PROMPTSWAP_ADMIN_TOKEN": TOKEN, "PROMPTSWAP_DTYPE": "float32"}
     server = servers.start("soak", argv, env, port)
     check_loopback(server.url)
@@ -361,14 +429,40 @@ async def soak(args: argparse.Namespace) -> None:
     try:
         limits = httpx.Limits(max_connections=args.clients + 2)
         async with httpx.AsyncClient(timeout=args.timeout, limits=limits, trust_env=False) as client:
-            sampler = asyncio.ensure_future(rss_sampler(server.proc.pid, samples, started, stop, args.rss_every))
+            sampler = asyncio.ensure_future(
+                rss_sampler(server.proc.pid, samples, started, stop, args.rss_every)
+            )
             deadline = started + args.seconds
             rng = random.Random(args.seed)
-            await admin_worker(client, server.url, clip_dir, world, stats, rng, started + 60, 0, 0, initial=True)
-            tasks = [classify_worker(client, server.url, ref, world, stats, random.Random(args.seed + 1 + i),
-                                     deadline, args.max_requests) for i in range(args.clients)]
-            tasks.append(admin_worker(client, server.url, clip_dir, world, stats, rng, deadline,
-                                      args.max_admin_ops, args.admin_pause))
+            await admin_worker(
+                client, server.url, clip_dir, world, stats, rng, started + 60, 0, 0, initial=True
+            )
+            tasks = [
+                classify_worker(
+                    client,
+                    server.url,
+                    ref,
+                    world,
+                    stats,
+                    random.Random(args.seed + 1 + i),
+                    deadline,
+                    args.max_requests,
+                )
+                for i in range(args.clients)
+            ]
+            tasks.append(
+                admin_worker(
+                    client,
+                    server.url,
+                    clip_dir,
+                    world,
+                    stats,
+                    rng,
+                    deadline,
+                    args.max_admin_ops,
+                    args.admin_pause,
+                )
+            )
             await asyncio.gather(*tasks)
             wall = time.monotonic() - started
             metric_totals = await scrape_metric_totals(client, server.url)
@@ -388,8 +482,10 @@ async def soak(args: argparse.Namespace) -> None:
 def print_report(args, argv, stats: Stats, samples, wall, metric_totals, alive, world: World) -> None:
     total = sum(stats.requests.values())
     lost = sum(stats.lost.values())
-    print(f"## Soak: {wall:.0f} s, {args.clients} classify clients + 1 admin client, tiny CLIP, "
-          f"`--adapter-cache-bytes {args.cache_bytes}`\n")
+    print(
+        f"## Soak: {wall:.0f} s, {args.clients} classify clients + 1 admin client, tiny CLIP, "
+        f"`--adapter-cache-bytes {args.cache_bytes}`\n"
+    )
     print(f"Server: `python {' '.join(argv)}` (alive at the end: {alive})\n")
     print("| classify kind | sent | correct 200 |")
     print("|---|---:|---:|")
@@ -399,10 +495,13 @@ def print_report(args, argv, stats: Stats, samples, wall, metric_totals, alive, 
     lat = sorted(stats.latencies)
     if lat:
         pick = lambda q: lat[min(len(lat) - 1, round(q * (len(lat) - 1)))] * 1000  # noqa: E731
-        print(f"Throughput {len(lat) / wall:.1f} answers/s; 200 latency p50 {pick(.5):.1f} ms, "
-              f"p95 {pick(.95):.1f} ms, p99 {pick(.99):.1f} ms\n")
-    print(f"- **lost** (transport errors, timeouts, 5xx): {lost}"
-          + (f" — {dict(stats.lost)}" if lost else ""))
+        print(
+            f"Throughput {len(lat) / wall:.1f} answers/s; 200 latency p50 {pick(0.5):.1f} ms, "
+            f"p95 {pick(0.95):.1f} ms, p99 {pick(0.99):.1f} ms\n"
+        )
+    print(
+        f"- **lost** (transport errors, timeouts, 5xx): {lost}" + (f" — {dict(stats.lost)}" if lost else "")
+    )
     print(f"- **wrong** (logits off by > {TOL}, wrong adapter key, or an unexpected 4xx): {len(stats.wrong)}")
     for line in stats.wrong[:10]:
         print(f"  - `{line}`")
@@ -415,10 +514,12 @@ def print_report(args, argv, stats: Stats, samples, wall, metric_totals, alive, 
     for (op, status), n in sorted(stats.admin.items(), key=lambda kv: str(kv[0])):
         print(f"| {op} | {status} | {n} |")
     live = sum(len(v) for v in world.current.values())
-    print(f"\nAdapter keys created: {len(world.ever)} distinct (`name@version`, versions reused after "
-          f"deletes: {sum(len(v) for v in world.lives.values())} contents), live at the end: {live}. "
-          f"Server metrics: adapter loads {metric_totals.get('promptswap_adapter_loads_total', 0):.0f}, "
-          f"evictions {metric_totals.get('promptswap_adapter_evictions_total', 0):.0f}.\n")
+    print(
+        f"\nAdapter keys created: {len(world.ever)} distinct (`name@version`, versions reused after "
+        f"deletes: {sum(len(v) for v in world.lives.values())} contents), live at the end: {live}. "
+        f"Server metrics: adapter loads {metric_totals.get('promptswap_adapter_loads_total', 0):.0f}, "
+        f"evictions {metric_totals.get('promptswap_adapter_evictions_total', 0):.0f}.\n"
+    )
     if samples:
         rss = [mb for _, mb in samples]
         print(f"RSS (MB): start {rss[0]:.1f}, peak {max(rss):.1f}, end {rss[-1]:.1f}\n")
@@ -435,8 +536,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--clients", type=int, default=6)
-    parser.add_argument("--cache-bytes", type=int, default=12000,
-                        help="--adapter-cache-bytes; one tiny adapter is 3,840 bytes of tensors")
+    parser.add_argument(
+        "--cache-bytes",
+        type=int,
+        default=12000,
+        help="--adapter-cache-bytes; one tiny adapter is 3,840 bytes of tensors",
+    )
     parser.add_argument("--timeout", type=float, default=30)
     parser.add_argument("--max-requests", type=int, default=20000, help="per classify client")
     parser.add_argument("--max-admin-ops", type=int, default=2000)

@@ -23,8 +23,9 @@ def main() -> None:
     model = ensure_model("B/32")
     rows = []
     port = servers.free_port()
-    naive = servers.start("naive-threads", servers.naive_argv(port), {"NAIVE_MODEL": str(model),
-                                                                   "NAIVE_DTYPE": "float32"}, port)
+    naive = servers.start(
+        "naive-threads", servers.naive_argv(port), {"NAIVE_MODEL": str(model), "NAIVE_DTYPE": "float32"}, port
+    )
     try:
         _load(naive.url, _bodies(LABELS_10, [None] * 4), 4, 300)
         r = _load(naive.url, _bodies(LABELS_10, [None] * args.requests), 16, 600)

@@ -120,8 +120,14 @@ def serve(overrides: dict[str, Any]) -> int:
 
 
 RAY_OPTIONS = (
-    "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "ray_address",
-    "num_cpus_per_replica", "num_gpus_per_replica", "max_adapters_per_replica",
+    "replicas",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "ray_address",
+    "num_cpus_per_replica",
+    "num_gpus_per_replica",
+    "max_adapters_per_replica",
     "max_ongoing_requests",
 )
 
@@ -132,7 +138,9 @@ def add_ray_options(group: argparse._ArgumentGroup) -> None:
         "--replicas", type=int, default=1, help="Replicas, each with its own models. Default: 1."
     )
     group.add_argument(
-        "--max-replicas", type=int, default=None,
+        "--max-replicas",
+        type=int,
+        default=None,
         help="Autoscale between --min-replicas and this many instead of running --replicas. "
         "Default: (unset, no autoscaling).",
     )
@@ -140,31 +148,42 @@ def add_ray_options(group: argparse._ArgumentGroup) -> None:
         "--min-replicas", type=int, default=1, help="Fewest replicas when autoscaling. Default: 1."
     )
     group.add_argument(
-        "--target-ongoing-requests", type=float, default=None,
+        "--target-ongoing-requests",
+        type=float,
+        default=None,
         help="Autoscaling target: requests in progress per replica. Default: --max-batch-size "
         "(one full batch each).",
     )
     group.add_argument(
-        "--ray-address", default=None,
+        "--ray-address",
+        default=None,
         help="Ray cluster to join ('auto', 'HOST:6379', 'ray://HOST:10001'). Default: "
         "$RAY_ADDRESS, else a new local Ray instance, stopped on exit.",
     )
     group.add_argument(
-        "--num-cpus-per-replica", type=float, default=1.0,
+        "--num-cpus-per-replica",
+        type=float,
+        default=1.0,
         help="CPUs Ray reserves per replica. Default: 1.",
     )
     group.add_argument(
-        "--num-gpus-per-replica", type=float, default=0.0,
+        "--num-gpus-per-replica",
+        type=float,
+        default=0.0,
         help="GPUs Ray reserves per replica; 1 on a GPU cluster (each replica holds its own "
         "backbone). Default: 0.",
     )
     group.add_argument(
-        "--max-adapters-per-replica", type=int, default=None,
+        "--max-adapters-per-replica",
+        type=int,
+        default=None,
         help="Adapter ids one replica advertises to Serve's router (LRU). Default: "
         "--adapter-cache-bytes / --max-adapter-bytes, within 1..64.",
     )
     group.add_argument(
-        "--max-ongoing-requests", type=int, default=None,
+        "--max-ongoing-requests",
+        type=int,
+        default=None,
         help="Requests Serve lets one replica hold at once. Default: 2 x --max-batch-size, "
         "at most --max-queue.",
     )
@@ -214,8 +233,7 @@ def serve_ray(args: dict[str, Any]) -> int:
         from service.ray_serve import APP_NAME, make_app
     except ImportError as exc:
         print(
-            f"promptswap: serve-ray needs Ray Serve ({exc}); install it with: "
-            "pip install 'promptswap[ray]'",
+            f"promptswap: serve-ray needs Ray Serve ({exc}); install it with: pip install 'promptswap[ray]'",
             file=sys.stderr,
         )
         return 2

@@ -117,9 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
-        ]
+        details = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()]
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
         message = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
         return JSONResponse(error_body("invalid_request", message, details=details), 422)

@@ -12,10 +12,8 @@ from fastapi import FastAPI
 from service import __version__
 from service.chat import routes as chat_routes
 from service.classify import routes as classify_routes
-from service.http import ops
-from service.registry import admin
 from service.errors import install_error_handlers
-from service.metrics import Metrics
+from service.http import ops
 from service.http.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -23,13 +21,13 @@ from service.http.middleware import (
     ReplicaHeaderMiddleware,
     load_api_keys,
 )
+from service.metrics import Metrics
+from service.registry import admin
 from service.runtime import Runtime
 from service.settings import Settings
 
 
-def create_app(
-    settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None
-) -> FastAPI:
+def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
     """Build the app; models load when its lifespan starts, never at import time.
 
     ``on_fatal`` is called with a message when start-up fails (the CLI exits then).

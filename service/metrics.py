@@ -13,30 +13,46 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "promptswap_requests_total", "HTTP requests by route and status", ["route", "status"],
+            "promptswap_requests_total",
+            "HTTP requests by route and status",
+            ["route", "status"],
             registry=r,
         )
         self.latency = Histogram(
-            "promptswap_request_seconds", "HTTP request latency by route", ["route"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "promptswap_request_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "promptswap_batch_size", "Rows per model batch", ["queue"], buckets=BATCH_BUCKETS,
+            "promptswap_batch_size",
+            "Rows per model batch",
+            ["queue"],
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(
-            "promptswap_queue_wait_seconds", "Time from admission to batch start", ["queue"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "promptswap_queue_wait_seconds",
+            "Time from admission to batch start",
+            ["queue"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference = Histogram(
-            "promptswap_inference_seconds", "Model time per batch", ["queue"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "promptswap_inference_seconds",
+            "Model time per batch",
+            ["queue"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
             "promptswap_queue_depth", "Requests waiting for a batch", ["queue"], registry=r
         )
         self.rejected = Counter(
-            "promptswap_rejected_total", "Requests refused by the scheduler", ["queue", "reason"],
+            "promptswap_rejected_total",
+            "Requests refused by the scheduler",
+            ["queue", "reason"],
             registry=r,
         )
         self.text_cache_hits = Counter(
@@ -55,11 +71,14 @@ class Metrics:
             "promptswap_adapter_loads_total", "Adapters loaded onto the device", registry=r
         )
         self.adapter_load_seconds = Histogram(
-            "promptswap_adapter_load_seconds", "Time to read, verify and place an adapter",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "promptswap_adapter_load_seconds",
+            "Time to read, verify and place an adapter",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.adapter_evictions = Counter(
-            "promptswap_adapter_evictions_total", "Adapters evicted from the device cache",
+            "promptswap_adapter_evictions_total",
+            "Adapters evicted from the device cache",
             registry=r,
         )
         self.adapter_load_oom = Counter(

@@ -16,19 +16,18 @@ import torch
 from adapters.format import clip_fingerprint
 from adapters.m2pt import llava_fingerprint
 from adapters.prompted_llava import prefix_kv
-
-from service.http.admission import ArrivalGate
 from service.backbones.clip import ClipBackbone
 from service.backbones.llava import LlavaBackbone
-from service.scheduling.batcher import BatchQueue, BatchStats
-from service.classify.handler import ClassifyHandler, ClassifyItem, ClassifyResult
-from service.errors import NotFound
 from service.chat.engine import GenerationEngine
+from service.classify.handler import ClassifyHandler, ClassifyItem, ClassifyResult
+from service.classify.text_cache import TextCache
+from service.errors import NotFound
+from service.http.admission import ArrivalGate
 from service.metrics import Metrics
 from service.registry.adapter_registry import AdapterRegistry, LoadedAdapter, Placement
-from service.settings import Settings
 from service.registry.store import AdapterStore
-from service.classify.text_cache import TextCache
+from service.scheduling.batcher import BatchQueue, BatchStats
+from service.settings import Settings
 
 log = logging.getLogger("promptswap")
 
@@ -60,9 +59,7 @@ class Runtime:
         self.metrics = metrics
         # One model thread: the device is one resource and batches must not interleave.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="promptswap-model")
-        self.decode_pool = ThreadPoolExecutor(
-            settings.decode_threads, thread_name_prefix="promptswap-decode"
-        )
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="promptswap-decode")
         self.clip: ClipBackbone | None = None
         self.classify_handler: ClassifyHandler | None = None
         self.classify_queue: BatchQueue[ClassifyItem, ClassifyResult] | None = None

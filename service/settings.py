@@ -76,9 +76,7 @@ class Settings(BaseSettings):
     )
     max_labels: int = Field(1000, ge=1, description="Most labels per classify request (422).")
     max_label_chars: int = Field(200, ge=1, description="Longest label in characters (422).")
-    max_new_tokens: int = Field(
-        512, ge=1, description="Largest max_tokens a chat request may ask for (422)."
-    )
+    max_new_tokens: int = Field(512, ge=1, description="Largest max_tokens a chat request may ask for (422).")
     max_prompt_chars: int = Field(
         32_000, ge=1, description="Largest chat text (all messages) in characters (422)."
     )
@@ -90,9 +88,7 @@ class Settings(BaseSettings):
     )
 
     # Adapters
-    adapter_dir: Path = Field(
-        default_factory=default_adapter_dir, description="Adapter store directory."
-    )
+    adapter_dir: Path = Field(default_factory=default_adapter_dir, description="Adapter store directory.")
     adapter_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="Device memory for loaded adapters (LRU beyond it)."
     )

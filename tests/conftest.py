@@ -63,7 +63,10 @@ def png() -> Callable[[int], bytes]:
 def make_settings(tiny_clip_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
     def build(**overrides: object) -> Settings:
         values: dict[str, object] = dict(
-            clip_model=str(tiny_clip_dir), device="cpu", dtype="float32", max_wait_ms=2.0,
+            clip_model=str(tiny_clip_dir),
+            device="cpu",
+            dtype="float32",
+            max_wait_ms=2.0,
             adapter_dir=tmp_path / "adapters",
         )
         values.update(overrides)

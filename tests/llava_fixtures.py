@@ -20,8 +20,12 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 CORPUS = [
-    "the cat sat on the mat", "a photo of a dog", "what is in the image",
-    "describe the picture in detail", "yes no maybe red green blue", "answer the question",
+    "the cat sat on the mat",
+    "a photo of a dog",
+    "what is in the image",
+    "describe the picture in detail",
+    "yes no maybe red green blue",
+    "answer the question",
 ]
 # LLaVA-1.5's format: "USER: <image>\n{text} ASSISTANT:"
 CHAT_TEMPLATE = (
@@ -37,13 +41,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace()
     bpe.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    )
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"])
     bpe.train_from_iterator(CORPUS * 20, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
     )
     tokenizer.padding_side = "left"  # generation pads on the left
     return tokenizer
@@ -54,30 +60,44 @@ def tiny_llava_config(
 ) -> LlavaConfig:
     """CLIP tower 32 wide, 32 px images of 8 px patches (16 image tokens); Llama 64 wide, GQA 4/2 heads."""
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
-        image_size=32, patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
     )
     text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlavaConfig(
-        vision_config=vision, text_config=text,
+        vision_config=vision,
+        text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
     )
 
 
 def tiny_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     # One extra image token for the CLS position the "default" strategy drops (MODELS.md).
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
-        patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
 
 

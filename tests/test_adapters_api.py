@@ -29,7 +29,9 @@ async def classify(client, seed: int, labels, adapter: str | None = None):
     data = {"labels": labels}
     if adapter is not None:
         data["adapter"] = adapter
-    response = await client.post("/v1/classify", files={"image": ("i.png", encode(make_image(seed)))}, data=data)
+    response = await client.post(
+        "/v1/classify", files={"image": ("i.png", encode(make_image(seed)))}, data=data
+    )
     return response
 
 
@@ -99,7 +101,9 @@ async def test_upload_classify_version_hot_swap_delete(admin_settings, tiny_clip
         assert logits_of(v1_again) == pytest.approx(logits_of(with_v1), abs=1e-5)
 
         # Delete one version, then the name.
-        assert (await client.delete("/v1/admin/adapters/pets@1", headers=AUTH)).json() == {"deleted": ["pets@1"]}
+        assert (await client.delete("/v1/admin/adapters/pets@1", headers=AUTH)).json() == {
+            "deleted": ["pets@1"]
+        }
         assert (await classify(client, 0, ["cat"], "pets@1")).status_code == 404
         assert (await classify(client, 0, ["cat"], "pets")).json()["adapter"] == "pets@2"
         assert (await client.delete("/v1/admin/adapters/pets", headers=AUTH)).status_code == 200
@@ -122,12 +126,18 @@ async def test_adapter_logits_equal_the_prompted_model(admin_settings, tiny_clip
     processor = AutoProcessor.from_pretrained(tiny_clip_dir)
     folded = random_folded(CLIPConfig.from_pretrained(tiny_clip_dir), 3)
     inputs = processor(
-        text=[f"a photo of a {label}." for label in labels], images=make_image(4), return_tensors="pt", padding=True
+        text=[f"a photo of a {label}." for label in labels],
+        images=make_image(4),
+        return_tensors="pt",
+        padding=True,
     )
     with torch.inference_mode():
         image = encode_image(model, inputs["pixel_values"], folded.vision[None])
         text = encode_text(
-            model, inputs["input_ids"], inputs["attention_mask"], folded.text[None].expand(len(labels), -1, -1, -1)
+            model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            folded.text[None].expand(len(labels), -1, -1, -1),
         )
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
@@ -143,7 +153,9 @@ async def test_mixed_adapter_batches_equal_one_by_one(admin_settings, tiny_clip_
     async with running_app(settings) as (client, app):
         for i, name in enumerate(names):
             # two prompt shapes, so batches hold several groups
-            assert (await upload(client, adapter_bytes(tiny_clip_dir, name, seed=10 + i, n_ctx=2 + i % 2))).status_code == 201
+            assert (
+                await upload(client, adapter_bytes(tiny_clip_dir, name, seed=10 + i, n_ctx=2 + i % 2))
+            ).status_code == 201
         alone = [(await classify(client, seed, label_sets[seed % 3], name)).json() for seed, name in requests]
         together_responses = await asyncio.gather(
             *(classify(client, seed, label_sets[seed % 3], name) for seed, name in requests)
@@ -152,7 +164,7 @@ async def test_mixed_adapter_batches_equal_one_by_one(admin_settings, tiny_clip_
         batches = metrics.get_sample_value("promptswap_batch_size_count", {"queue": "classify"})
     together = [r.json() for r in together_responses]
     assert batches < 64, "the concurrent requests were never batched"
-    for one, many in zip(alone, together):
+    for one, many in zip(alone, together, strict=False):
         assert one["adapter"] == many["adapter"]
         a, b = logits_of(one), logits_of(many)
         assert a.keys() == b.keys()
@@ -223,7 +235,9 @@ def other_backbone_adapter() -> bytes:
     ],
     ids=["pickle", "random-bytes", "other-backbone", "nan", "too-large", "path-traversal", "bad-name"],
 )
-async def test_bad_uploads_leave_the_store_unchanged(admin_settings, tiny_clip_dir, make_payload, fields, status, fragment):
+async def test_bad_uploads_leave_the_store_unchanged(
+    admin_settings, tiny_clip_dir, make_payload, fields, status, fragment
+):
     settings = admin_settings(max_adapter_bytes=8192)
     async with running_app(settings) as (client, _):
         assert (await upload(client, adapter_bytes(tiny_clip_dir, "keep"))).status_code == 201
@@ -287,7 +301,9 @@ async def test_version_numbers_are_never_reused(admin_settings, tiny_clip_dir):
         assert (await classify(client, 0, ["cat"], "again@1")).status_code == 404
 
 
-async def test_a_replaced_file_never_gets_the_old_contents_text_embeddings(admin_settings, tiny_clip_dir, tmp_path):
+async def test_a_replaced_file_never_gets_the_old_contents_text_embeddings(
+    admin_settings, tiny_clip_dir, tmp_path
+):
     """Caches are keyed by content: a new file under the same name@version (another
     replica's delete + re-upload) is served as itself, text embeddings included."""
     labels = ["cat", "dog", "boat"]
@@ -324,7 +340,9 @@ async def test_an_adapter_deleted_while_it_loads_is_404_not_500(admin_settings, 
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-async def test_latest_deleted_while_it_loads_falls_back_to_the_remaining_version(admin_settings, tiny_clip_dir, monkeypatch):
+async def test_latest_deleted_while_it_loads_falls_back_to_the_remaining_version(
+    admin_settings, tiny_clip_dir, monkeypatch
+):
     async with running_app(admin_settings()) as (client, app):
         for seed in (1, 2):
             assert (await upload(client, adapter_bytes(tiny_clip_dir, "two", seed=seed))).status_code == 201

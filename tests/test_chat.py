@@ -52,7 +52,9 @@ def reference(tiny_llava_dir):
 
     def greedy(seed: int, instruction: str, max_new_tokens: int) -> str:
         image = Image.open(io.BytesIO(encode(make_image(seed)))).convert("RGB")
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        conversation = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}
+        ]
         text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         inputs = processor(images=image, text=text, return_tensors="pt")
         with torch.inference_mode():
@@ -70,7 +72,10 @@ async def test_greedy_tokens_equal_model_generate(chat_client, reference):
         body = response.json()
         assert body["text"] == reference(seed, instruction, 16)
         assert body["adapter"] is None and body["finish_reason"] in {"stop", "length"}
-        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+        assert (
+            body["usage"]["total_tokens"]
+            == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+        )
 
 
 async def test_concurrent_requests_share_steps_and_match_alone(chat_client):
@@ -101,13 +106,14 @@ async def test_sampling_with_a_seed_is_reproducible_in_any_batch(chat_client):
     params = dict(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
     alone = (await chat(client, 3, INSTRUCTIONS[0], **params)).json()["text"]
     together = await asyncio.gather(
-        chat(client, 3, INSTRUCTIONS[0], **params), *(chat(client, s, INSTRUCTIONS[1], max_tokens=8) for s in range(4))
+        chat(client, 3, INSTRUCTIONS[0], **params),
+        *(chat(client, s, INSTRUCTIONS[1], max_tokens=8) for s in range(4)),
     )
     assert together[0].json()["text"] == alone
 
 
 def sse_payloads(text: str) -> list:
-    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
 
@@ -131,7 +137,9 @@ async def test_stop_strings_end_the_answer(chat_client):
     stop = full[2:4]
     stopped = (await chat(client, 0, INSTRUCTIONS[0], max_tokens=16, stop=[stop])).json()
     assert stopped["text"] == full[: full.find(stop)] and stopped["finish_reason"] == "stop"
-    streamed = sse_payloads((await chat(client, 0, INSTRUCTIONS[0], max_tokens=16, stop=stop, stream=True)).text)
+    streamed = sse_payloads(
+        (await chat(client, 0, INSTRUCTIONS[0], max_tokens=16, stop=stop, stream=True)).text
+    )
     assert "".join(e["text"] for e in streamed) == stopped["text"]
 
 
@@ -142,10 +150,15 @@ async def test_openai_client_works_unchanged(chat_settings, tiny_llava_dir):
         oa = openai.AsyncOpenAI(api_key="unused", base_url="http://test/v1", http_client=http)
         models = await oa.models.list()
         assert str(tiny_llava_dir) in [m.id for m in models.data]
-        messages = [{"role": "user", "content": [
-            {"type": "text", "text": INSTRUCTIONS[0]},
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(0)}"}},
-        ]}]
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": INSTRUCTIONS[0]},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(0)}"}},
+                ],
+            }
+        ]
         completion = await oa.chat.completions.create(
             model=str(tiny_llava_dir), messages=messages, max_tokens=12, temperature=0
         )
@@ -153,7 +166,11 @@ async def test_openai_client_works_unchanged(chat_settings, tiny_llava_dir):
         assert completion.choices[0].message.content == plain["text"]
         assert completion.usage.completion_tokens == plain["usage"]["completion_tokens"]
         stream = await oa.chat.completions.create(
-            model=str(tiny_llava_dir), messages=messages, max_tokens=12, temperature=0, stream=True,
+            model=str(tiny_llava_dir),
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
         pieces, usage = [], None
@@ -165,10 +182,17 @@ async def test_openai_client_works_unchanged(chat_settings, tiny_llava_dir):
         assert "".join(pieces) == plain["text"] and usage.total_tokens == completion.usage.total_tokens
         with pytest.raises(openai.BadRequestError):
             await oa.chat.completions.create(
-                model=str(tiny_llava_dir), max_tokens=4,
-                messages=[{"role": "user", "content": [
-                    {"type": "text", "text": "hi"},
-                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}],
+                model=str(tiny_llava_dir),
+                max_tokens=4,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "hi"},
+                            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                        ],
+                    }
+                ],
             )
         await http.aclose()
 
@@ -176,7 +200,9 @@ async def test_openai_client_works_unchanged(chat_settings, tiny_llava_dir):
 async def test_client_leaving_a_stream_stops_its_generation(chat_client):
     client, app = chat_client
     engine = app.state.runtime.chat_engine
-    async with client.stream("POST", "/v1/chat", json={"image": b64(0), "instruction": "hi", "max_tokens": 200, "stream": True}) as response:
+    async with client.stream(
+        "POST", "/v1/chat", json={"image": b64(0), "instruction": "hi", "max_tokens": 200, "stream": True}
+    ) as response:
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 break  # one token is enough; leave
@@ -200,7 +226,15 @@ GOOD_IMAGE = b64(0)
         ({"image": GOOD_IMAGE, "instruction": "hi", "adapter": "missing"}, 404, "missing"),
         ({"image": GOOD_IMAGE, "instruction": "hi", "temperature": 5}, 422, "temperature"),
     ],
-    ids=["no-image", "empty-image", "undecodable", "remote-url", "max-tokens", "unknown-adapter", "temperature"],
+    ids=[
+        "no-image",
+        "empty-image",
+        "undecodable",
+        "remote-url",
+        "max-tokens",
+        "unknown-adapter",
+        "temperature",
+    ],
 )
 async def test_bad_chat_requests(chat_client, body, status, fragment):
     client, _ = chat_client
@@ -213,16 +247,24 @@ async def test_bad_chat_requests(chat_client, body, status, fragment):
 async def test_two_images_and_prompt_over_context_are_400(chat_client):
     client, _ = chat_client
     image = encode(make_image(0))
-    two = await client.post("/v1/chat", files=[("image", ("a.png", image)), ("image", ("b.png", image))],
-                            data={"instruction": "hi"})
+    two = await client.post(
+        "/v1/chat",
+        files=[("image", ("a.png", image)), ("image", ("b.png", image))],
+        data={"instruction": "hi"},
+    )
     assert two.status_code == 400 and "2 images" in two.json()["error"]["message"]
     long_text = " ".join(["describe the picture in detail"] * 60)
     over = await chat(client, 0, long_text, max_tokens=4)
     assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
-    messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(0)}"}},
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(1)}"}},
-    ]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(0)}"}},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(1)}"}},
+            ],
+        }
+    ]
     r = await client.post("/v1/chat/completions", json={"model": "x", "messages": messages})
     assert r.status_code == 400
 
@@ -231,8 +273,11 @@ async def test_maple_adapter_on_chat_is_422(chat_settings, tiny_clip_dir):
     from tests.adapter_files import adapter_bytes
 
     async with running_app(chat_settings(admin_token="t")) as (client, _):
-        up = await client.post("/v1/admin/adapters", files={"file": ("a", adapter_bytes(tiny_clip_dir, "clipper"))},
-                               headers={"Authorization": "Bearer t"})
+        up = await client.post(
+            "/v1/admin/adapters",
+            files={"file": ("a", adapter_bytes(tiny_clip_dir, "clipper"))},
+            headers={"Authorization": "Bearer t"},
+        )
         assert up.status_code == 201
         r = await chat(client, 0, "hi", adapter="clipper")
         assert r.status_code == 422 and "maple" in r.json()["error"]["message"]

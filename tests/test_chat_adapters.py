@@ -44,8 +44,11 @@ def m2pt_bytes(llava_dir: Path, name: str, seed: int, n_text: int = 3) -> bytes:
 
 
 async def chat(client, image_seed: int, adapter: str | None = None, max_tokens: int = 10):
-    body = {"image": base64.b64encode(encode(make_image(image_seed))).decode(),
-            "instruction": "describe the picture in detail", "max_tokens": max_tokens}
+    body = {
+        "image": base64.b64encode(encode(make_image(image_seed))).decode(),
+        "instruction": "describe the picture in detail",
+        "max_tokens": max_tokens,
+    }
     if adapter is not None:
         body["adapter"] = adapter
     response = await client.post("/v1/chat", json=body)
@@ -58,8 +61,11 @@ async def served(make_settings, llava_dir):
     settings = make_settings(llava_model=str(llava_dir), admin_token=TOKEN)
     async with running_app(settings) as (client, app):
         for name, seed, n_text in (("caption", 1, 3), ("vqa", 2, 5)):
-            up = await client.post("/v1/admin/adapters", files={"file": ("a", m2pt_bytes(llava_dir, name, seed, n_text))},
-                                   headers=AUTH)
+            up = await client.post(
+                "/v1/admin/adapters",
+                files={"file": ("a", m2pt_bytes(llava_dir, name, seed, n_text))},
+                headers=AUTH,
+            )
             assert up.status_code == 201, up.text
             assert up.json()["manifest"]["method"] == "m2pt"
         yield client, app
@@ -70,8 +76,12 @@ def explicit_greedy(llava_dir: Path, image_seed: int, folded, max_tokens: int) -
     model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
     processor = AutoProcessor.from_pretrained(llava_dir)
     image = Image.open(io.BytesIO(encode(make_image(image_seed)))).convert("RGB")
-    conversation = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": "describe the picture in detail"}]}]
+    conversation = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "describe the picture in detail"}],
+        }
+    ]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=image, text=text, return_tensors="pt")
     ids = inputs["input_ids"]
@@ -125,15 +135,21 @@ async def test_prefix_is_computed_once_per_adapter(served):
 async def test_m2pt_adapter_on_classify_is_422(make_settings, llava_dir):
     settings = make_settings(llava_model=str(llava_dir), admin_token=TOKEN)
     async with running_app(settings) as (client, _):
-        up = await client.post("/v1/admin/adapters", files={"file": ("a", m2pt_bytes(llava_dir, "chatty", 3))},
-                               headers=AUTH)
+        up = await client.post(
+            "/v1/admin/adapters", files={"file": ("a", m2pt_bytes(llava_dir, "chatty", 3))}, headers=AUTH
+        )
         assert up.status_code == 201
-        r = await client.post("/v1/classify", files={"image": ("i.png", encode(make_image(0)))},
-                              data={"labels": ["cat"], "adapter": "chatty"})
+        r = await client.post(
+            "/v1/classify",
+            files={"image": ("i.png", encode(make_image(0)))},
+            data={"labels": ["cat"], "adapter": "chatty"},
+        )
         assert r.status_code == 422 and "m2pt" in r.json()["error"]["message"]
 
 
 async def test_m2pt_upload_without_llava_is_409(make_settings, llava_dir):
     async with running_app(make_settings(admin_token=TOKEN)) as (client, _):
-        r = await client.post("/v1/admin/adapters", files={"file": ("a", m2pt_bytes(llava_dir, "x", 3))}, headers=AUTH)
+        r = await client.post(
+            "/v1/admin/adapters", files={"file": ("a", m2pt_bytes(llava_dir, "x", 3))}, headers=AUTH
+        )
         assert r.status_code == 409 and "no backbone" in r.json()["error"]["message"]

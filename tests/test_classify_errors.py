@@ -14,7 +14,10 @@ from tests.conftest import encode, make_image, running_app
 
 
 def form(image: bytes, labels, **extra):
-    return {"files": {"image": ("i.png", image, "application/octet-stream")}, "data": {"labels": labels, **extra}}
+    return {
+        "files": {"image": ("i.png", image, "application/octet-stream")},
+        "data": {"labels": labels, **extra},
+    }
 
 
 def assert_error(response, status: int, code: str | None = None) -> dict:
@@ -99,7 +102,9 @@ async def test_label_over_the_text_encoders_context_is_422_for_that_request_only
 async def test_image_over_pixel_bound_is_413(make_settings):
     async with running_app(make_settings(max_image_pixels=100_000)) as (client, _):
         big = encode(make_image(0, (400, 300)))  # 120,000 pixels
-        assert "pixels" in assert_error(await client.post("/v1/classify", **form(big, ["cat"])), 413)["message"]
+        assert (
+            "pixels" in assert_error(await client.post("/v1/classify", **form(big, ["cat"])), 413)["message"]
+        )
         await still_serving(client)
 
 
@@ -145,8 +150,17 @@ async def test_unknown_adapter_is_404(client):
         ({"json": {"image": "aGk=", "labels": ["cat"], "template": "no slot"}}, 422),
         ({"json": {"image": "aGk=", "labels": ["cat"], "template": "{} and {}"}}, 422),
     ],
-    ids=["content-type", "bad-json", "remote-url", "bad-base64", "no-image", "labels-not-list",
-         "top-k-zero", "template-no-slot", "template-two-slots"],
+    ids=[
+        "content-type",
+        "bad-json",
+        "remote-url",
+        "bad-base64",
+        "no-image",
+        "labels-not-list",
+        "top-k-zero",
+        "template-no-slot",
+        "template-two-slots",
+    ],
 )
 async def test_malformed_requests(client, kwargs, status):
     assert_error(await client.post("/v1/classify", **kwargs), status)
@@ -241,10 +255,18 @@ async def test_disconnected_client_is_dropped_from_the_queue(make_settings, monk
             sent.append(message)
 
         scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": "/v1/classify", "raw_path": b"/v1/classify", "query_string": b"",
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/classify",
+            "raw_path": b"/v1/classify",
+            "query_string": b"",
             "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
-            "client": ("127.0.0.1", 1), "server": ("test", 80), "root_path": "",
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+            "root_path": "",
         }
         call = asyncio.ensure_future(app(scope, receive, send))
         while app.state.runtime.classify_queue.depth < 1:

@@ -49,7 +49,7 @@ async def test_logits_equal_plain_transformers(client, reference):
         body = await classify(client, seed, labels)
         expected = reference(make_image(seed), labels)
         got = by_label(body)
-        for label, want in zip(labels, expected):
+        for label, want in zip(labels, expected, strict=False):
             assert got[label] == pytest.approx(want, abs=1e-4)
         scores = [row["score"] for row in body["labels"]]
         assert scores == sorted(scores, reverse=True)
@@ -67,8 +67,9 @@ async def test_custom_template_and_json_body_match_reference(client, reference):
         json={"image": f"data:image/jpeg;base64,{image}", "labels": labels, "template": "art of {}"},
     )
     assert response.status_code == 200, response.text
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     decoded = Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB")
     expected = reference(decoded, labels, "art of {}")
@@ -87,7 +88,7 @@ async def test_concurrent_batch_equals_one_at_a_time(make_settings):
         batches = registry.get_sample_value("promptswap_batch_size_count", {"queue": "classify"})
         rows = registry.get_sample_value("promptswap_batch_size_sum", {"queue": "classify"})
     assert rows == 24 and batches < 24, "the concurrent requests were never batched"
-    for one, many in zip(alone, together):
+    for one, many in zip(alone, together, strict=False):
         a, b = by_label(one), by_label(many)
         assert a.keys() == b.keys()
         for label in a:

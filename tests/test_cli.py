@@ -19,8 +19,14 @@ from service.settings import Settings
 from tests.conftest import encode, make_image
 
 SERVE_OPTIONS = [
-    "--clip-model", "--host", "--port", "--device", "--dtype", "--max-batch-size",
-    "--max-wait-ms", "--max-queue",
+    "--clip-model",
+    "--host",
+    "--port",
+    "--device",
+    "--dtype",
+    "--max-batch-size",
+    "--max-wait-ms",
+    "--max-queue",
 ]
 
 
@@ -57,7 +63,12 @@ def serve(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
     return subprocess.Popen(
         [sys.executable, "-m", "service", "serve", *args],
         # a store of its own: a test never writes to the user's data directory
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PROMPTSWAP_ADAPTER_DIR": tempfile.mkdtemp(), **(env or {})},
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PROMPTSWAP_ADAPTER_DIR": tempfile.mkdtemp(),
+            **(env or {}),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -88,7 +99,9 @@ def test_real_server_classifies_and_stops_cleanly(tiny_clip_dir: Path):
     try:
         wait_ready(proc, url)
         image = encode(make_image(0))
-        ok = httpx.post(f"{url}/v1/classify", files={"image": ("i.png", image)}, data={"labels": ["cat", "dog"]})
+        ok = httpx.post(
+            f"{url}/v1/classify", files={"image": ("i.png", image)}, data={"labels": ["cat", "dog"]}
+        )
         assert ok.status_code == 200 and ok.json()["labels"][0]["label"] in {"cat", "dog"}
         too_many = httpx.post(
             f"{url}/v1/classify", files={"image": ("i.png", image)}, data={"labels": ["a", "b", "c"]}

@@ -100,7 +100,7 @@ def render_nginx(prefix: Path, listen_port: int, backends: list[str]) -> Path:
     assert len(params) == 1, f"every replica should have the same health settings: {params}"
     first = servers[0]
     ours = "".join(f"{first[1]}server {address}{first[3]};\n" for address in backends)
-    upstream = upstream[: first.start()] + ours + SERVER_LINE.sub("", upstream[first.start():])
+    upstream = upstream[: first.start()] + ours + SERVER_LINE.sub("", upstream[first.start() :])
 
     (prefix / "nginx.conf").write_text(conf)
     (prefix / "upstream.conf").write_text(upstream)  # nginx.conf includes it from its own dir
@@ -154,16 +154,39 @@ def start_replica(clip_dir: Path, store: Path, name: str, logs: Path) -> Replica
     port = free_port()
     log = logs / f"{name}.log"
     args = [
-        "--clip-model", str(clip_dir), "--device", "cpu", "--dtype", "float32",
-        "--port", str(port), "--replica-id", name, "--adapter-dir", str(store),
-        "--torch-threads", "1", "--decode-threads", "1", "--log-level", "warning",
+        "--clip-model",
+        str(clip_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--port",
+        str(port),
+        "--replica-id",
+        name,
+        "--adapter-dir",
+        str(store),
+        "--torch-threads",
+        "1",
+        "--decode-threads",
+        "1",
+        "--log-level",
+        "warning",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PROMPTSWAP_ADMIN_TOKEN": TOKEN}  # from the environment, as compose passes it
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PROMPTSWAP_ADMIN_TOKEN": TOKEN,
+    }  # from the environment, as compose passes it
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", *args],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     return Replica(name, port, proc, log)
 
@@ -218,7 +241,9 @@ def cluster(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         with open(prefix / "stdout.log", "w") as out:
             proc = subprocess.Popen(
                 nginx_command(nginx, prefix, conf, foreground=True),
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
@@ -245,13 +270,18 @@ def classify(
         data["adapter"] = adapter
     headers = {"X-Adapter": header} if header is not None else {}
     post = client.post if client is not None else httpx.post
-    return post(f"{url}/v1/classify", files={"image": ("i.png", image())}, data=data,
-                headers=headers, timeout=60)
+    return post(
+        f"{url}/v1/classify", files={"image": ("i.png", image())}, data=data, headers=headers, timeout=60
+    )
 
 
 def upload(url: str, clip_dir: Path, name: str, seed: int) -> dict[str, Any]:
-    r = httpx.post(f"{url}/v1/admin/adapters", headers=ADMIN, timeout=60,
-                   files={"file": ("a.safetensors", adapter_bytes(clip_dir, name, seed=seed))})
+    r = httpx.post(
+        f"{url}/v1/admin/adapters",
+        headers=ADMIN,
+        timeout=60,
+        files={"file": ("a.safetensors", adapter_bytes(clip_dir, name, seed=seed))},
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -327,8 +357,10 @@ def test_nginx_routes_by_adapter_and_spreads_the_rest(cluster: Cluster):
         assert all(r.status_code == 200 for r in spread)
         counts = {name: sum(r.headers[REPLICA_HEADER] == name for r in spread) for name in ("r1", "r2")}
         assert all(counts.values()), counts
-        print(f"\nheader-less requests per replica: {counts}; 'pets' served by "
-              f"{pets[0].headers[REPLICA_HEADER]}")
+        print(
+            f"\nheader-less requests per replica: {counts}; 'pets' served by "
+            f"{pets[0].headers[REPLICA_HEADER]}"
+        )
 
         # Through nginx, the answer is the replica's own.
         for replica in (a, b):
@@ -347,8 +379,10 @@ def raw_post_headers(url: str, path: str, content_length: int) -> tuple[int, str
     """Send only a request's headers; nginx refuses an over-bound Content-Length at once."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {content_length}\r\n\r\n".encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {content_length}\r\n\r\n".encode()
+        )
         answer = b""
         while chunk := sock.recv(65536):  # nginx closes after refusing the body
             answer += chunk
@@ -358,11 +392,21 @@ def raw_post_headers(url: str, path: str, content_length: int) -> tuple[int, str
 
 def test_image_healthcheck_probes_healthz(cluster: Cluster):
     script = DOCKER / "healthcheck.py"
-    alive = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True,
-                           env={**os.environ, "PROMPTSWAP_PORT": str(cluster.replicas[0].port)})
+    alive = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PROMPTSWAP_PORT": str(cluster.replicas[0].port)},
+    )
     assert alive.returncode == 0, alive.stderr
-    dead = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True,
-                          env={**os.environ, "PROMPTSWAP_PORT": str(free_port())})
+    dead = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PROMPTSWAP_PORT": str(free_port())},
+    )
     assert dead.returncode == 1 and "unhealthy" in dead.stderr
 
 
@@ -398,8 +442,14 @@ def test_no_request_fails_while_a_replica_stops(cluster: Cluster):
                 keyed, after = i % 2 == 0, exited.is_set()
                 try:
                     r = classify(client, nginx, adapter="failover", header="failover" if keyed else None)
-                    outcome = Outcome(i, keyed, after, r.status_code, r.headers.get(REPLICA_HEADER),
-                                      None if r.status_code == 200 else r.text)
+                    outcome = Outcome(
+                        i,
+                        keyed,
+                        after,
+                        r.status_code,
+                        r.headers.get(REPLICA_HEADER),
+                        None if r.status_code == 200 else r.text,
+                    )
                 except httpx.HTTPError as exc:
                     outcome = Outcome(i, keyed, after, None, None, repr(exc))
                 with changed:
@@ -430,11 +480,13 @@ def test_no_request_fails_while_a_replica_stops(cluster: Cluster):
     log = (cluster.prefix / "error.log").read_text()
     met = [line for line in log.splitlines() if f"127.0.0.1:{victim.port}" in line and "[error]" in line]
     assert met, log
-    print(f"\n{len(outcomes)} requests, {len(failed)} failed; before the exit: "
-          f"{sum(o.replica == victim.name for o in before)} on {victim.name} (stopped), "
-          f"{sum(o.replica == survivor.name for o in before)} on {survivor.name}; "
-          f"after: {len(after)}, all on {survivor.name}; nginx resent {len(met)} attempts "
-          f"that met {victim.name}")
+    print(
+        f"\n{len(outcomes)} requests, {len(failed)} failed; before the exit: "
+        f"{sum(o.replica == victim.name for o in before)} on {victim.name} (stopped), "
+        f"{sum(o.replica == survivor.name for o in before)} on {survivor.name}; "
+        f"after: {len(after)}, all on {survivor.name}; nginx resent {len(met)} attempts "
+        f"that met {victim.name}"
+    )
 
     # With no replica left, nginx answers in the service's error shape, with Retry-After.
     stop(survivor.proc)
@@ -451,15 +503,21 @@ def test_nginx_accepts_the_shipped_config(tmp_path: Path):
     # Every shipped server, at a loopback address of its own (no DNS at test time).
     backends = [f"127.0.0.{i + 1}:8000" for i in range(len(shipped_servers()))]
     conf = render_nginx(tmp_path, free_port(), backends)
-    result = subprocess.run(nginx_command(nginx, tmp_path, conf, "-t"), check=False, capture_output=True, text=True)
+    result = subprocess.run(
+        nginx_command(nginx, tmp_path, conf, "-t"), check=False, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
 
 
 def test_promtool_accepts_the_prometheus_config():
     promtool = cluster_tool("promtool", "Debian package prometheus")
-    result = subprocess.run([promtool, "check", "config", str(DOCKER / "prometheus.yml")],
-                            check=False, capture_output=True, text=True)
+    result = subprocess.run(
+        [promtool, "check", "config", str(DOCKER / "prometheus.yml")],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -471,7 +529,7 @@ def nginx_blocks(text: str, kind: str) -> dict[str, str]:
         while depth:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
-        out[m[1]] = text[m.end(): i - 1]
+        out[m[1]] = text[m.end() : i - 1]
     return out
 
 
@@ -541,21 +599,42 @@ def env_of(service: dict[str, Any]) -> dict[str, str]:
 def test_compose_file_follows_the_compose_schema():
     cluster_module("check_jsonschema", "check-jsonschema")
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
-         str(COMPOSE_FILE), str(DOCKER / "compose.gpu.yml")],
-        check=False, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(COMPOSE_FILE),
+            str(DOCKER / "compose.gpu.yml"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_docker_compose_config_accepts_the_files():
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "compose", "version"], check=False, capture_output=True).returncode:
+    if (
+        docker is None
+        or subprocess.run([docker, "compose", "version"], check=False, capture_output=True).returncode
+    ):
         pytest.skip("no docker client with the compose plugin here")
     env = {**os.environ, "PROMPTSWAP_ADMIN_TOKEN": "not-a-real-token"}
-    for files in (["-f", str(COMPOSE_FILE)], ["-f", str(COMPOSE_FILE), "-f", str(DOCKER / "compose.gpu.yml")]):
-        result = subprocess.run([docker, "compose", *files, "config", "-q"], check=False, capture_output=True,
-                                text=True, env=env, cwd=ROOT)
+    for files in (
+        ["-f", str(COMPOSE_FILE)],
+        ["-f", str(COMPOSE_FILE), "-f", str(DOCKER / "compose.gpu.yml")],
+    ):
+        result = subprocess.run(
+            [docker, "compose", *files, "config", "-q"],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         assert result.returncode == 0, result.stderr
 
 
@@ -607,24 +686,31 @@ def test_compose_replicas_share_the_store_and_take_secrets_from_the_environment(
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", (DOCKER / "Dockerfile").read_text())
     lines = [line.strip() for line in text.splitlines()]
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1])
-            for line in lines if line and not line.startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
 
 
 def test_dockerfile_builds_a_non_root_image_with_a_torch_build_argument():
     steps = dockerfile_instructions()
-    final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM"):]
+    final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM") :]
     assert all(args.startswith("python:${PYTHON_VERSION}-slim") for op, args in steps if op == "FROM")
 
     # One build argument picks the torch build: the CPU index by default, a CUDA one by choice,
     # at the version CI tests.
     args = dict(a.split("=", 1) for op, a in steps if op == "ARG" and "=" in a)
     assert args["TORCH_INDEX"] == "cpu"
-    assert any(op == "RUN" and "download.pytorch.org/whl/${TORCH_INDEX}" in a and "torch==${TORCH_VERSION}" in a
-               for op, a in steps)
+    assert any(
+        op == "RUN" and "download.pytorch.org/whl/${TORCH_INDEX}" in a and "torch==${TORCH_VERSION}" in a
+        for op, a in steps
+    )
     assert f"torch=={args['TORCH_VERSION']}" in (ROOT / ".ci" / "run").read_text()
     # The Ray image is the same file with the project's own "ray" extra.
-    assert args["EXTRAS"] == '""' and "optional-dependencies" in next(a for op, a in steps if "EXTRAS" in a and op == "RUN")
+    assert args["EXTRAS"] == '""' and "optional-dependencies" in next(
+        a for op, a in steps if "EXTRAS" in a and op == "RUN"
+    )
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(d.startswith("ray[serve]") for d in extras["ray"])
 

@@ -62,11 +62,18 @@ def unresolved_refs(document: dict[str, Any]) -> list[str]:
 
 @pytest.fixture
 def fuzz_app(tiny_clip_dir: Path, fuzz_llava_dir: Path, tmp_path: Path) -> Any:
-    app = create_app(Settings(
-        clip_model=str(tiny_clip_dir), llava_model=str(fuzz_llava_dir), device="cpu",
-        dtype="float32", max_wait_ms=1.0, adapter_dir=tmp_path / "adapters", admin_token=TOKEN,
-        max_new_tokens=8,
-    ))
+    app = create_app(
+        Settings(
+            clip_model=str(tiny_clip_dir),
+            llava_model=str(fuzz_llava_dir),
+            device="cpu",
+            dtype="float32",
+            max_wait_ms=1.0,
+            adapter_dir=tmp_path / "adapters",
+            admin_token=TOKEN,
+            max_new_tokens=8,
+        )
+    )
     client = schemathesis.python.asgi.get_client(app)
     with client:  # starts the lifespan; schemathesis ends it after the test
         give_up = time.monotonic() + 120
@@ -123,8 +130,12 @@ def test_every_route_answers_without_5xx_and_with_json_errors(api_schema: Any) -
 
             @given(case=operation.as_strategy(generation_mode=mode))
             @settings(
-                max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
+                max_examples=EXAMPLES,
+                deadline=None,
+                derandomize=True,
+                database=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
             )
             def run(case: Any) -> None:
                 call(case)

@@ -22,9 +22,27 @@ from tests.test_adapters_api import AUTH, TOKEN, store_snapshot, upload
 from tests.test_classify_errors import assert_error
 
 TRAVERSALS = [
-    "..", "../x", "../../etc/passwd", "..%2fsecret", "..\\secret", "/etc/passwd", "pets/../../secret",
-    "pets@1/../..", "pets@../1", "secret\x00", ".tmp", ".hidden", "Secret", "a" * 65, "%2e%2e",
-    "pets@0", "pets@-1", "pets@1e3", "pets@99999999999999999999", "~root", "ａｂｃ",
+    "..",
+    "../x",
+    "../../etc/passwd",
+    "..%2fsecret",
+    "..\\secret",
+    "/etc/passwd",
+    "pets/../../secret",
+    "pets@1/../..",
+    "pets@../1",
+    "secret\x00",
+    ".tmp",
+    ".hidden",
+    "Secret",
+    "a" * 65,
+    "%2e%2e",
+    "pets@0",
+    "pets@-1",
+    "pets@1e3",
+    "pets@99999999999999999999",
+    "~root",
+    "ａｂｃ",
 ]
 
 
@@ -57,11 +75,18 @@ async def test_path_traversal_in_names_on_every_route(make_settings, layout, tin
                 await client.get(f"/v1/adapters/{raw}"),
                 await client.delete(f"/v1/admin/adapters/{encoded}", headers=AUTH),
                 await client.delete(f"/v1/admin/adapters/{raw}", headers=AUTH),
-                await client.post("/v1/classify", files={"image": ("i.png", image)},
-                                  data={"labels": ["cat"], "adapter": ref}),
+                await client.post(
+                    "/v1/classify",
+                    files={"image": ("i.png", image)},
+                    data={"labels": ["cat"], "adapter": ref},
+                ),
                 await client.post("/v1/classify", json={"image": "aGk=", "labels": ["cat"], "adapter": ref}),
             ):
-                assert response.status_code in (400, 404, 405, 422), (ref, response.status_code, response.text)
+                assert response.status_code in (400, 404, 405, 422), (
+                    ref,
+                    response.status_code,
+                    response.text,
+                )
                 assert_error(response, response.status_code)
             # The name field of an upload.
             response = await upload(client, adapter_bytes(tiny_clip_dir, "pets"), name=ref)
@@ -85,9 +110,17 @@ async def raw_call(app, method: str, path: str, headers: dict[str, str] | None =
         sent.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-        "scheme": "http", "path": path, "raw_path": path.encode("utf-8", "surrogateescape"),
-        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode("utf-8", "surrogateescape"),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
         "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
     }
     await app(scope, receive, send)
@@ -96,7 +129,9 @@ async def raw_call(app, method: str, path: str, headers: dict[str, str] | None =
     return status, json.loads(body)
 
 
-async def test_dot_segments_reach_the_routes_unnormalised_and_are_refused(make_settings, layout, tiny_clip_dir):
+async def test_dot_segments_reach_the_routes_unnormalised_and_are_refused(
+    make_settings, layout, tiny_clip_dir
+):
     async with running_app(make_settings(admin_token=TOKEN, adapter_dir=layout["store"])) as (client, app):
         assert (await upload(client, adapter_bytes(tiny_clip_dir, "pets"))).status_code == 201
         before = store_snapshot(layout["store"])
@@ -132,9 +167,18 @@ async def test_traversal_in_the_manifest_name_is_refused(make_settings, layout, 
         assert tree(layout["store"]) == set()
 
 
-def safetensors_claiming(shape: list[int], end: int, data: bytes = b"\0" * 16, header_len: int | None = None) -> bytes:
-    manifest = {"format_version": 1, "name": "huge", "version": 0, "method": "maple",
-                "backbone": {}, "hyperparameters": {"n_ctx": 2, "depth": 3}, "tensors_sha256": "0" * 64}
+def safetensors_claiming(
+    shape: list[int], end: int, data: bytes = b"\0" * 16, header_len: int | None = None
+) -> bytes:
+    manifest = {
+        "format_version": 1,
+        "name": "huge",
+        "version": 0,
+        "method": "maple",
+        "backbone": {},
+        "hyperparameters": {"n_ctx": 2, "depth": 3},
+        "tensors_sha256": "0" * 64,
+    }
     header = {
         "__metadata__": {METADATA_KEY: json.dumps(manifest)},
         "text_prompts": {"dtype": "F32", "shape": shape, "data_offsets": [0, end]},

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.http import middleware
 from service.cli import main as cli_main
+from service.http import middleware
 from service.main import create_app
 from tests.adapter_files import adapter_bytes
 from tests.conftest import encode, make_image, running_app
@@ -54,7 +54,9 @@ BAD_ADMIN_HEADERS = [
 ]
 
 
-async def test_admin_refuses_missing_and_wrong_tokens_and_never_echoes_them(make_settings, tiny_clip_dir, caplog):
+async def test_admin_refuses_missing_and_wrong_tokens_and_never_echoes_them(
+    make_settings, tiny_clip_dir, caplog
+):
     caplog.set_level(logging.DEBUG)
     data = adapter_bytes(tiny_clip_dir, "pets")
     async with running_app(make_settings(admin_token=TOKEN)) as (client, _):
@@ -149,7 +151,9 @@ async def test_api_keys_guard_the_public_routes(make_settings, keys_file, caplog
     assert all(k not in caplog.text for k in KEYS)
 
 
-async def test_admin_routes_keep_their_own_token_when_api_keys_are_on(make_settings, keys_file, tiny_clip_dir):
+async def test_admin_routes_keep_their_own_token_when_api_keys_are_on(
+    make_settings, keys_file, tiny_clip_dir
+):
     settings = make_settings(api_keys_file=keys_file, admin_token=TOKEN)
     async with running_app(settings) as (client, _):
         data = adapter_bytes(tiny_clip_dir, "pets")
@@ -161,11 +165,14 @@ async def test_the_401_comes_before_the_body_is_read(make_settings, keys_file):
     read = []
 
     async with running_app(make_settings(api_keys_file=keys_file, max_body_bytes=4096)) as (client, _):
+
         async def body():
             read.append(1)
             yield b"x" * 100_000
 
-        response = await client.post("/v1/classify", content=body(), headers={"content-type": "application/json"})
+        response = await client.post(
+            "/v1/classify", content=body(), headers={"content-type": "application/json"}
+        )
         assert_error(response, 401)  # not 413: the key is checked first
         assert read == [], "the body was read for a request without a key"
 
@@ -210,7 +217,8 @@ def test_keys_file_is_read_once_at_start_up(make_settings, keys_file):
 def test_cli_refuses_a_missing_or_empty_keys_file(tmp_path, tiny_clip_dir, capsys):
     (tmp_path / "empty").write_text("\n# nothing\n")
     for path in (tmp_path / "missing", tmp_path / "empty"):
-        code = cli_main(["serve", "--clip-model", str(tiny_clip_dir), "--device", "cpu",
-                         "--api-keys-file", str(path)])
+        code = cli_main(
+            ["serve", "--clip-model", str(tiny_clip_dir), "--device", "cpu", "--api-keys-file", str(path)]
+        )
         assert code == 2
         assert str(path) in capsys.readouterr().err

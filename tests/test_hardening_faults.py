@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from httpx import ASGITransport, AsyncClient
 
-from service.registry import store as store_module
 from service.backbones.clip import ClipBackbone
+from service.registry import store as store_module
 from tests.adapter_files import adapter_bytes
 from tests.conftest import encode, make_image, running_app
 from tests.test_adapters_api import TOKEN, upload
@@ -20,7 +20,9 @@ from tests.test_classify_errors import Gate, assert_error, form, still_serving
 
 def full_tree(root: Path) -> dict[str, bytes | None]:
     """Every file (with its bytes) and directory under the store, the temp area included."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))
+    }
 
 
 class FailingFile:
@@ -43,7 +45,9 @@ class FailingFile:
 
 
 def fail_write(monkeypatch, err: int) -> None:
-    monkeypatch.setattr(store_module, "open", lambda path, mode: FailingFile(open(path, mode), err), raising=False)
+    monkeypatch.setattr(
+        store_module, "open", lambda path, mode: FailingFile(open(path, mode), err), raising=False
+    )
 
 
 def fail_fsync(monkeypatch, err: int) -> None:
@@ -54,9 +58,13 @@ def fail_fsync(monkeypatch, err: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "fail, err", [(fail_write, errno.ENOSPC), (fail_fsync, errno.EDQUOT)], ids=["write-ENOSPC", "fsync-EDQUOT"]
+    "fail, err",
+    [(fail_write, errno.ENOSPC), (fail_fsync, errno.EDQUOT)],
+    ids=["write-ENOSPC", "fsync-EDQUOT"],
 )
-async def test_full_disk_answers_507_and_leaves_the_store_unchanged(make_settings, tiny_clip_dir, monkeypatch, fail, err):
+async def test_full_disk_answers_507_and_leaves_the_store_unchanged(
+    make_settings, tiny_clip_dir, monkeypatch, fail, err
+):
     async with running_app(make_settings(admin_token=TOKEN)) as (client, app):
         root = app.state.settings.adapter_dir
         assert (await upload(client, adapter_bytes(tiny_clip_dir, "pets", seed=1))).status_code == 201
@@ -72,7 +80,9 @@ async def test_full_disk_answers_507_and_leaves_the_store_unchanged(make_setting
         # The disk has room again: the next upload takes the next version at once.
         again = await upload(client, adapter_bytes(tiny_clip_dir, "pets", seed=2))
         assert again.status_code == 201 and again.json()["version"] == 2
-        assert (await client.post("/v1/classify", **form(encode(make_image(0)), ["cat"], adapter="pets"))).status_code == 200
+        assert (
+            await client.post("/v1/classify", **form(encode(make_image(0)), ["cat"], adapter="pets"))
+        ).status_code == 200
 
 
 async def test_model_exception_fails_only_its_batch(make_settings, monkeypatch, caplog):
@@ -97,8 +107,10 @@ async def test_model_exception_fails_only_its_batch(make_settings, monkeypatch, 
         image = encode(make_image(0))
         first = asyncio.ensure_future(client.post("/v1/classify", **form(image, ["cat"])))
         await gate.wait_entered()
-        doomed = [asyncio.ensure_future(client.post("/v1/classify", **form(image, ["dog", str(i)])))
-                  for i in range(4)]
+        doomed = [
+            asyncio.ensure_future(client.post("/v1/classify", **form(image, ["dog", str(i)])))
+            for i in range(4)
+        ]
         while app.state.runtime.classify_queue.depth < 4:  # all four wait behind the first
             await asyncio.sleep(0)
         gate.release.set()
@@ -108,7 +120,9 @@ async def test_model_exception_fails_only_its_batch(make_settings, monkeypatch, 
             assert "CUDA" not in error["message"]  # internals stay in the log
         assert gate.seen == [1, 4]
         await still_serving(client)
-        after = await asyncio.gather(*(client.post("/v1/classify", **form(image, ["a", str(i)])) for i in range(4)))
+        after = await asyncio.gather(
+            *(client.post("/v1/classify", **form(image, ["a", str(i)])) for i in range(4))
+        )
         assert all(r.status_code == 200 for r in after)
         await client.aclose()
     assert "illegal memory access" in caplog.text  # the operator sees what happened
@@ -139,11 +153,15 @@ async def test_device_oom_during_adapter_load_evicts_idle_adapters_and_retries(m
         registry = app.state.runtime.registry
         for seed, name in enumerate(("a", "b", "c")):
             assert (await upload(client, adapter_bytes(tiny_clip_dir, name, seed=seed))).status_code == 201
-        reference = (await client.post("/v1/classify", **form(encode(make_image(3)), ["x", "y"], adapter="c"))).json()
+        reference = (
+            await client.post("/v1/classify", **form(encode(make_image(3)), ["x", "y"], adapter="c"))
+        ).json()
         registry.forget([registry.store.get("c")])  # cold again
         refused = simulate_device_capacity(registry, adapters=2)
         for name in ("a", "b"):
-            assert (await client.post("/v1/classify", **form(encode(make_image(3)), ["x", "y"], adapter=name))).status_code == 200
+            assert (
+                await client.post("/v1/classify", **form(encode(make_image(3)), ["x", "y"], adapter=name))
+            ).status_code == 200
         # The device is full: loading c evicts a (least recently used), then succeeds.
         response = await client.post("/v1/classify", **form(encode(make_image(3)), ["x", "y"], adapter="c"))
         assert response.status_code == 200, response.text

@@ -26,8 +26,13 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def client(tiny_clip_dir, tmp_path_factory):
-    settings = Settings(clip_model=str(tiny_clip_dir), device="cpu", dtype="float32", max_wait_ms=2.0,
-                        adapter_dir=tmp_path_factory.mktemp("adapters"))
+    settings = Settings(
+        clip_model=str(tiny_clip_dir),
+        device="cpu",
+        dtype="float32",
+        max_wait_ms=2.0,
+        adapter_dir=tmp_path_factory.mktemp("adapters"),
+    )
     async with running_app(settings) as (client, _):
         yield client
 
@@ -52,7 +57,9 @@ def png_bomb(width: int, height: int) -> bytes:
     """A valid-looking PNG header claiming ``width x height`` with a few bytes of data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
     idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
 
 
 def gif_bomb(width: int = 65535, height: int = 65535) -> bytes:
@@ -123,8 +130,13 @@ async def test_zero_sized_and_lying_headers_are_400(client):
 
 
 async def test_pixel_bound_is_exact(tiny_clip_dir, tmp_path):
-    settings = Settings(clip_model=str(tiny_clip_dir), device="cpu", dtype="float32",
-                        adapter_dir=tmp_path, max_image_pixels=64 * 48)
+    settings = Settings(
+        clip_model=str(tiny_clip_dir),
+        device="cpu",
+        dtype="float32",
+        adapter_dir=tmp_path,
+        max_image_pixels=64 * 48,
+    )
     async with running_app(settings) as (client, _):
         assert (await classify(client, encode(make_image(0, (64, 48))))).status_code == 200
         assert_error(await classify(client, encode(make_image(0, (65, 48)))), 413)
@@ -216,8 +228,12 @@ async def test_animated_images_use_the_first_frame(client, fmt):
 
 @pytest.mark.parametrize(
     "orientation, transpose",
-    [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90),
-     (2, Image.Transpose.FLIP_LEFT_RIGHT)],
+    [
+        (3, Image.Transpose.ROTATE_180),
+        (6, Image.Transpose.ROTATE_270),
+        (8, Image.Transpose.ROTATE_90),
+        (2, Image.Transpose.FLIP_LEFT_RIGHT),
+    ],
 )
 async def test_exif_orientation_is_applied(client, orientation, transpose):
     """A camera JPEG with an orientation tag classifies as the upright picture."""
@@ -321,8 +337,13 @@ async def test_lone_surrogate_in_json_is_a_clear_4xx(client):
 
 @pytest.mark.parametrize(
     "method, path, status",
-    [("GET", "/v1/classify", 405), ("POST", "/healthz", 405), ("GET", "/nowhere", 404),
-     ("DELETE", "/v1/adapters/pets", 405), ("PUT", "/v1/admin/adapters", 405)],
+    [
+        ("GET", "/v1/classify", 405),
+        ("POST", "/healthz", 405),
+        ("GET", "/nowhere", 404),
+        ("DELETE", "/v1/adapters/pets", 405),
+        ("PUT", "/v1/admin/adapters", 405),
+    ],
 )
 async def test_unknown_routes_and_methods_answer_the_json_error_body(client, method, path, status):
     assert_error(await client.request(method, path), status)

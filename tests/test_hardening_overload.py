@@ -59,10 +59,18 @@ async def test_refusals_come_before_the_body_is_read(make_settings, monkeypatch)
         await gate.wait_entered()  # the model holds the first; the queue is empty
         request = client.build_request("POST", "http://test/v1/classify", **form(image, ["dog"]))
         scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": "/v1/classify", "raw_path": b"/v1/classify", "query_string": b"",
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/classify",
+            "raw_path": b"/v1/classify",
+            "query_string": b"",
             "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
-            "client": ("127.0.0.1", 1), "server": ("test", 80), "root_path": "",
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+            "root_path": "",
         }
 
         def slow_upload(reads: list[int], body_arrives: asyncio.Event):
@@ -70,6 +78,7 @@ async def test_refusals_come_before_the_body_is_read(make_settings, monkeypatch)
                 reads.append(1)
                 await body_arrives.wait()  # a client still sending its body
                 return {"type": "http.request", "body": request.read(), "more_body": False}
+
             return receive
 
         async def ignore(message):

@@ -21,8 +21,13 @@ from service.http.images import decode_base64_image, decode_image
 from service.settings import Settings
 from tests.conftest import make_image
 
-PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def seeds() -> dict[str, bytes]:
@@ -97,8 +102,11 @@ def test_every_seed_decodes(name: str) -> None:
 @given(
     st.one_of(
         st.text(max_size=300),
-        st.builds(lambda p, b: p + b, st.sampled_from(["data:", "data:image/png;base64,", "data:;base64,",
-                                                       "http://", " ", "file:"]), st.text(max_size=200)),
+        st.builds(
+            lambda p, b: p + b,
+            st.sampled_from(["data:", "data:image/png;base64,", "data:;base64,", "http://", " ", "file:"]),
+            st.text(max_size=200),
+        ),
         st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()),
     ),
     st.integers(1, 400),
@@ -145,9 +153,17 @@ def request_for(body: bytes, content_type: str) -> Request:
         return {"type": "http.request", "body": body, "more_body": False}
 
     # "app" in the scope, as under the real app: starlette then turns parser errors into 400s.
-    scope = {"type": "http", "app": object(), "method": "POST", "path": "/v1/classify", "query_string": b"",
-             "headers": [(b"content-type", content_type.encode("latin-1")),
-                         (b"content-length", str(len(body)).encode())]}
+    scope = {
+        "type": "http",
+        "app": object(),
+        "method": "POST",
+        "path": "/v1/classify",
+        "query_string": b"",
+        "headers": [
+            (b"content-type", content_type.encode("latin-1")),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
     return Request(scope, receive)
 
 

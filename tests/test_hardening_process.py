@@ -64,8 +64,20 @@ def test_real_server_keeps_its_secrets_and_drains_on_sigterm(tiny_clip_dir: Path
     keys_file.write_text(f"# keys\n{KEYS[0]}\n{KEYS[1]}\n")
     port = free_port()
     proc = serve(
-        ["--clip-model", str(tiny_clip_dir), "--port", str(port), "--device", "cpu",
-         "--log-level", "debug", "--api-keys-file", str(keys_file), "--adapter-dir", str(tmp_path / "store")],
+        [
+            "--clip-model",
+            str(tiny_clip_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--log-level",
+            "debug",
+            "--api-keys-file",
+            str(keys_file),
+            "--adapter-dir",
+            str(tmp_path / "store"),
+        ],
         env={"PROMPTSWAP_ADMIN_TOKEN": TOKEN},
     )
     url = f"http://127.0.0.1:{port}"
@@ -78,16 +90,25 @@ def test_real_server_keeps_its_secrets_and_drains_on_sigterm(tiny_clip_dir: Path
         # Secrets: refused and accepted calls on both kinds of credential.
         adapter = {"file": ("a.safetensors", adapter_bytes(tiny_clip_dir, "pets"))}
         for wrong in ("wrong", TOKEN + "x", KEYS[0]):
-            r = httpx.post(f"{url}/v1/admin/adapters", files=adapter, headers={"Authorization": f"Bearer {wrong}"})
+            r = httpx.post(
+                f"{url}/v1/admin/adapters", files=adapter, headers={"Authorization": f"Bearer {wrong}"}
+            )
             assert r.status_code == 401 and TOKEN not in r.text
         admin = {"Authorization": f"Bearer {TOKEN}"}
         assert httpx.post(f"{url}/v1/admin/adapters", files=adapter, headers=admin).status_code == 201
-        assert httpx.post(f"{url}/v1/admin/adapters", files={"file": ("x", b"junk")}, headers=admin).status_code == 400
+        assert (
+            httpx.post(f"{url}/v1/admin/adapters", files={"file": ("x", b"junk")}, headers=admin).status_code
+            == 400
+        )
         for headers in ({}, {"X-API-Key": TOKEN}, {"Authorization": f"Bearer {KEYS[0]}x"}):
             r = httpx.post(f"{url}/v1/classify", files=files, data={"labels": ["cat"]}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-        r = httpx.post(f"{url}/v1/classify", files=files, data={"labels": ["cat", "dog"], "adapter": "pets"},
-                       headers={"X-API-Key": KEYS[1]})
+        r = httpx.post(
+            f"{url}/v1/classify",
+            files=files,
+            data={"labels": ["cat", "dog"], "adapter": "pets"},
+            headers={"X-API-Key": KEYS[1]},
+        )
         assert r.status_code == 200, r.text
         assert httpx.get(f"{url}/metrics").status_code == 200  # open without a key
 

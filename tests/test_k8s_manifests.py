@@ -83,12 +83,16 @@ def render_with_components(tmp_path: Path, overlay: str, *components: str) -> tu
     """The overlay plus optional components, as a user's own kustomization would add them
     (kustomize wants relative paths)."""
     rel = Path(os.path.relpath(K8S, tmp_path)).as_posix()
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [f"{rel}/overlays/{overlay}"],
-        "components": [f"{rel}/components/{c}" for c in components],
-    }))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [f"{rel}/overlays/{overlay}"],
+                "components": [f"{rel}/components/{c}" for c in components],
+            }
+        )
+    )
     return render(tmp_path)
 
 
@@ -176,8 +180,18 @@ def nginx_size(value: str) -> int:
 
 def quantity(value: int | str) -> float:
     """A Kubernetes quantity: "4", "500m", 1, "30Gi", "512M"."""
-    units = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    units = {
+        "": 1,
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }
     match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
     assert match and match[2] in units, f"not a quantity: {value!r}"
     return float(match[1]) * units[match[2]]
@@ -223,10 +237,18 @@ def overlay(request: pytest.FixtureRequest) -> Overlay:
 
 def test_every_object_validates_against_the_api_schema(overlay: Overlay):
     kinds = sorted(o["kind"] for o in overlay.objs)
-    assert kinds == sorted([
-        "Deployment", "HorizontalPodAutoscaler", "Ingress", "Ingress", "Ingress",
-        "PersistentVolumeClaim", "PodDisruptionBudget", "Service",
-    ])
+    assert kinds == sorted(
+        [
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "Ingress",
+            "Ingress",
+            "Ingress",
+            "PersistentVolumeClaim",
+            "PodDisruptionBudget",
+            "Service",
+        ]
+    )
     for obj in overlay.objs:
         validate(obj)
 
@@ -329,7 +351,10 @@ def test_service_pdb_and_hpa_select_these_pods(overlay: Overlay):
     hpa = one(objs, "HorizontalPodAutoscaler")
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == (
-        "apps/v1", "Deployment", overlay.deployment["metadata"]["name"])
+        "apps/v1",
+        "Deployment",
+        overlay.deployment["metadata"]["name"],
+    )
     low, high = hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]
     assert 2 <= low <= high
     # The HPA owns the count: a replicas field would reset it on every apply.
@@ -412,8 +437,10 @@ def test_gpu_overlay_asks_for_exactly_one_gpu_per_pod():
     for c in others:
         if c is not gpu.container:
             assert "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {}), c["name"]
-    assert any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists"
-               and t.get("effect") in (None, "NoSchedule") for t in gpu.spec["tolerations"])
+    assert any(
+        t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" and t.get("effect") in (None, "NoSchedule")
+        for t in gpu.spec["tolerations"]
+    )
     assert setting(gpu.container, "device") == "cuda"
     hpa = one(gpu.objs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["maxReplicas"] <= 8, "each replica holds a whole GPU"
@@ -440,7 +467,8 @@ def test_servicemonitor_component_scrapes_each_replica_once(tmp_path: Path):
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     ports = {p["name"] for p in service["spec"]["ports"]}
     assert [e["port"] for e in monitor["spec"]["endpoints"]] and all(
-        e["port"] in ports and e.get("path", "/metrics") == "/metrics" for e in monitor["spec"]["endpoints"])
+        e["port"] in ports and e.get("path", "/metrics") == "/metrics" for e in monitor["spec"]["endpoints"]
+    )
     pod = one(objs, "Deployment")["spec"]["template"]
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
     for obj in objs:
@@ -459,8 +487,10 @@ def free_port() -> int:
 
 def test_affinity_fallback_hashes_every_ingress_on_the_mapped_variable(tmp_path: Path):
     objs = render_with_components(tmp_path, "cpu", "affinity-fallback")
-    keys = {i["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"]
-            for i in objects(objs, "Ingress")}
+    keys = {
+        i["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"]
+        for i in objects(objs, "Ingress")
+    }
     assert keys == {"$promptswap_affinity"}
     snippet = controller_snippet()
     assert re.search(r"map\s+\$http_x_adapter\s+\$promptswap_affinity\s*\{", snippet)
@@ -476,24 +506,31 @@ def test_affinity_fallback_map_in_a_real_nginx(tmp_path: Path):
     """The controller snippet, in Debian's nginx: the adapter name routes, versions share
     it, and requests without the header get a fresh random key each."""
     nginx = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/bin/nginx") if os.access(p, os.X_OK)), None)
+        (p for p in ("/usr/sbin/nginx", "/usr/bin/nginx") if os.access(p, os.X_OK)), None
+    )
     if nginx is None:
         unavailable("nginx", "apt-get install nginx-light")
     port = free_port()
-    temp = "\n".join(f"    {kind}_temp_path {tmp_path}/{kind};" for kind in
-                     ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "\n".join(
+        f"    {kind}_temp_path {tmp_path}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     conf = tmp_path / "nginx.conf"
     conf.write_text(
         f"events {{ worker_connections 64; }}\nhttp {{\n{temp}\n    access_log off;\n"
         f"{controller_snippet()}\n"
         f"    server {{\n        listen 127.0.0.1:{port};\n"
-        "        location / { default_type text/plain; return 200 \"$promptswap_affinity\"; }\n"
-        "    }\n}\n")
+        '        location / { default_type text/plain; return 200 "$promptswap_affinity"; }\n'
+        "    }\n}\n"
+    )
     main = f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log notice; daemon off;"
     if os.geteuid() == 0:
         main += " user root;"  # workers as nobody could not enter pytest's 0700 temp dir
-    proc = subprocess.Popen([nginx, "-p", f"{tmp_path}/", "-c", str(conf), "-g", main],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [nginx, "-p", f"{tmp_path}/", "-c", str(conf), "-g", main],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}/v1/classify"
         deadline = time.monotonic() + 10
@@ -566,8 +603,9 @@ def test_rayservice_pods_share_the_store_token_and_image():
     images = set()
     for group, template in ray_pod_templates(rayservice).items():
         # The pod template itself: strict core schema, as the operator will submit it.
-        validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group},
-                  "template": template})
+        validate(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}
+        )
         spec = template["spec"]
         ray = spec["containers"][0]  # KubeRay runs `ray start` in the first container
         images.add(ray["image"])

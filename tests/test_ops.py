@@ -96,7 +96,9 @@ async def test_every_answer_names_the_replica(make_settings, png):
         for response in (
             await client.get("/healthz"),
             await client.get("/no/such/route"),
-            await client.post("/v1/classify", files={"image": ("a.png", png(1))}, data={"labels": ["a", "b"]}),
+            await client.post(
+                "/v1/classify", files={"image": ("a.png", png(1))}, data={"labels": ["a", "b"]}
+            ),
             await client.post("/v1/classify", json={"labels": []}),  # an error answer too
         ):
             assert response.headers["x-promptswap-replica"] == "gpu-7"

@@ -70,9 +70,17 @@ def test_serve_ray_help_lists_settings_and_ray_options(capsys, monkeypatch):
     for name in Settings.model_fields:  # every `serve` option, with its environment variable
         assert f"--{name.replace('_', '-')} " in text
         assert f"PROMPTSWAP_{name.upper()}" in text
-    for option in ("--replicas", "--ray-address", "--min-replicas", "--max-replicas",
-                   "--target-ongoing-requests", "--num-cpus-per-replica", "--num-gpus-per-replica",
-                   "--max-adapters-per-replica", "--max-ongoing-requests"):
+    for option in (
+        "--replicas",
+        "--ray-address",
+        "--min-replicas",
+        "--max-replicas",
+        "--target-ongoing-requests",
+        "--num-cpus-per-replica",
+        "--num-gpus-per-replica",
+        "--max-adapters-per-replica",
+        "--max-ongoing-requests",
+    ):
         assert option in text
 
 
@@ -89,10 +97,21 @@ def test_serve_ray_refuses_bad_replica_counts(capsys):
 
 
 def test_serve_ray_options_map_to_deployment_options():
-    args = {"replicas": 1, "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": None,
-            "num_cpus_per_replica": 0.5, "num_gpus_per_replica": 1.0, "max_ongoing_requests": None}
+    args = {
+        "replicas": 1,
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": None,
+        "num_cpus_per_replica": 0.5,
+        "num_gpus_per_replica": 1.0,
+        "max_ongoing_requests": None,
+    }
     options = cli._ray_deployment_options(args, Settings(max_batch_size=16))
-    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 16,
+    }
     assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1.0}
     assert "num_replicas" not in options
     fixed = cli._ray_deployment_options({**args, "max_replicas": None, "replicas": 3}, Settings())
@@ -174,21 +193,46 @@ def test_serve_ray_command_serves_and_stops_cleanly_on_sigterm(tiny_clip_dir: Pa
     require_ray()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another cluster
-    env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
-               PROMPTSWAP_ADMIN_TOKEN=TOKEN)
+    env.update(
+        PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", PROMPTSWAP_ADMIN_TOKEN=TOKEN
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve-ray", "--clip-model", str(tiny_clip_dir),
-         "--device", "cpu", "--port", str(port), "--replicas", "1", "--num-cpus-per-replica", "0.5",
-         "--adapter-dir", str(tmp_path / "store"), "--log-level", "warning"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve-ray",
+            "--clip-model",
+            str(tiny_clip_dir),
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+            "--replicas",
+            "1",
+            "--num-cpus-per-replica",
+            "0.5",
+            "--adapter-dir",
+            str(tmp_path / "store"),
+            "--log-level",
+            "warning",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(proc, url)
         r = classify(url, 0)
         assert r.status_code == 200 and r.headers[REPLICA_HEADER].startswith("promptswap:")
-        r = httpx.post(f"{url}/v1/admin/adapters", headers=ADMIN,  # the token from the environment
-                       files={"file": ("a.safetensors", adapter_bytes(tiny_clip_dir, "pets"))})
+        r = httpx.post(
+            f"{url}/v1/admin/adapters",
+            headers=ADMIN,  # the token from the environment
+            files={"file": ("a.safetensors", adapter_bytes(tiny_clip_dir, "pets"))},
+        )
         assert r.status_code == 201, r.text
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
@@ -218,15 +262,25 @@ def replica_actor_name(replica: str) -> str:
     return f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{replica.rsplit(':', 1)[1]}"
 
 
-def classify(url: str, seed: int, adapter: str | None = None, header: str | None = None,
-             client: httpx.Client | None = None) -> httpx.Response:
+def classify(
+    url: str,
+    seed: int,
+    adapter: str | None = None,
+    header: str | None = None,
+    client: httpx.Client | None = None,
+) -> httpx.Response:
     data: dict[str, Any] = {"labels": LABELS}
     if adapter:
         data["adapter"] = adapter
     headers = {MODEL_ID_HEADER: header} if header else {}
     post = client.post if client is not None else httpx.post
-    return post(f"{url}/v1/classify", files={"image": ("i.png", encode(make_image(seed)))},
-                data=data, headers=headers, timeout=60)
+    return post(
+        f"{url}/v1/classify",
+        files={"image": ("i.png", encode(make_image(seed)))},
+        data=data,
+        headers=headers,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -243,18 +297,30 @@ def ray_cluster(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         # whatever the current directory; no usage report leaves the machine.
         env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=100 * 2**20)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=100 * 2**20,
+        )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app({
-            "clip_model": str(tiny_clip_dir), "device": "cpu", "dtype": "float32",
-            "adapter_dir": str(tmp_path_factory.mktemp("ray-store")), "admin_token": TOKEN,
-            "max_wait_ms": 2.0, "torch_threads": 1,
-            "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5},
-            # Serve's controller notices a dead replica at its next health check: 1 s, not 10.
-            "health_check_period_s": 1.0,
-        })
+        app = build_app(
+            {
+                "clip_model": str(tiny_clip_dir),
+                "device": "cpu",
+                "dtype": "float32",
+                "adapter_dir": str(tmp_path_factory.mktemp("ray-store")),
+                "admin_token": TOKEN,
+                "max_wait_ms": 2.0,
+                "torch_threads": 1,
+                "num_replicas": 2,
+                "ray_actor_options": {"num_cpus": 0.5},
+                # Serve's controller notices a dead replica at its next health check: 1 s, not 10.
+                "health_check_period_s": 1.0,
+            }
+        )
         serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         seen: set[str] = set()
@@ -287,8 +353,11 @@ def test_replicas_are_ready_and_named_by_serve(ray_cluster: RayCluster):
 def test_adapter_requests_stay_on_one_replica_and_headerless_spread(ray_cluster: RayCluster):
     url = ray_cluster.url
     for name, seed in (("pets", 0), ("cars", 1)):
-        r = httpx.post(f"{url}/v1/admin/adapters", headers=ADMIN,
-                       files={"file": ("a.safetensors", adapter_bytes(ray_cluster.clip_dir, name, seed=seed))})
+        r = httpx.post(
+            f"{url}/v1/admin/adapters",
+            headers=ADMIN,
+            files={"file": ("a.safetensors", adapter_bytes(ray_cluster.clip_dir, name, seed=seed))},
+        )
         assert r.status_code == 201, r.text
 
     homes: dict[str, Counter[str]] = {}
@@ -317,8 +386,9 @@ def test_adapter_requests_stay_on_one_replica_and_headerless_spread(ray_cluster:
 
 
 @pytest.mark.cluster
-async def test_results_equal_the_single_process_service(ray_cluster: RayCluster, tiny_clip_dir: Path,
-                                                        tmp_path: Path):
+async def test_results_equal_the_single_process_service(
+    ray_cluster: RayCluster, tiny_clip_dir: Path, tmp_path: Path
+):
     cases = [(seed, adapter) for seed in range(3) for adapter in (None, "pets@1")]
     through_ray = []
     for seed, adapter in cases:
@@ -326,15 +396,26 @@ async def test_results_equal_the_single_process_service(ray_cluster: RayCluster,
         assert r.status_code == 200, r.text
         through_ray.append(r.json())
 
-    settings = Settings(clip_model=str(tiny_clip_dir), device="cpu", dtype="float32", max_wait_ms=2.0,
-                        adapter_dir=tmp_path / "adapters", admin_token=TOKEN)
+    settings = Settings(
+        clip_model=str(tiny_clip_dir),
+        device="cpu",
+        dtype="float32",
+        max_wait_ms=2.0,
+        adapter_dir=tmp_path / "adapters",
+        admin_token=TOKEN,
+    )
     async with running_app(settings) as (client, _):
-        r = await client.post("/v1/admin/adapters", headers=ADMIN,
-                              files={"file": ("a.safetensors", adapter_bytes(tiny_clip_dir, "pets", seed=0))})
+        r = await client.post(
+            "/v1/admin/adapters",
+            headers=ADMIN,
+            files={"file": ("a.safetensors", adapter_bytes(tiny_clip_dir, "pets", seed=0))},
+        )
         assert r.status_code == 201
         for (seed, adapter), remote in zip(cases, through_ray, strict=True):
             data: dict[str, Any] = {"labels": LABELS, **({"adapter": adapter} if adapter else {})}
-            r = await client.post("/v1/classify", files={"image": ("i.png", encode(make_image(seed)))}, data=data)
+            r = await client.post(
+                "/v1/classify", files={"image": ("i.png", encode(make_image(seed)))}, data=data
+            )
             local = r.json()
             assert (remote["model"], remote["adapter"]) == (local["model"], local["adapter"])
             assert [x["label"] for x in remote["labels"]] == [x["label"] for x in local["labels"]]
@@ -345,8 +426,11 @@ async def test_results_equal_the_single_process_service(ray_cluster: RayCluster,
 @pytest.mark.cluster
 def test_new_version_reaches_every_replica(ray_cluster: RayCluster):
     url = ray_cluster.url
-    r = httpx.post(f"{url}/v1/admin/adapters", headers=ADMIN,
-                   files={"file": ("a.safetensors", adapter_bytes(ray_cluster.clip_dir, "pets", seed=5))})
+    r = httpx.post(
+        f"{url}/v1/admin/adapters",
+        headers=ADMIN,
+        files={"file": ("a.safetensors", adapter_bytes(ray_cluster.clip_dir, "pets", seed=5))},
+    )
     assert r.status_code == 201 and r.json()["version"] == 2
     answered: dict[str, set[str]] = {}
     for seed in range(40):  # header-less: both replicas, each resolving "pets" in the store
@@ -405,7 +489,9 @@ def test_a_killed_replica_fails_only_its_in_flight_requests(ray_cluster: RayClus
     # replacement (its models load first): poll lightly, so that its start-up is not
     # starved of the 2 cores by the client loop.
     give_up = time.monotonic() + 90
-    while (newcomer := httpx.get(f"{url}/readyz", timeout=30).headers[REPLICA_HEADER]) in ray_cluster.replicas:
+    while (
+        newcomer := httpx.get(f"{url}/readyz", timeout=30).headers[REPLICA_HEADER]
+    ) in ray_cluster.replicas:
         assert time.monotonic() < give_up, "Serve started no replacement replica"
         time.sleep(0.2)
     replaced_after = time.monotonic() - dead_at

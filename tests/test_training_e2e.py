@@ -63,7 +63,11 @@ async def test_digits_adapter_beats_zero_shot_and_serves_its_own_predictions(
 
 
 async def test_cli_trains_and_uploads_to_the_app(
-    tiny_clip_dir: Path, make_settings, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tiny_clip_dir: Path,
+    make_settings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = render_digits(tmp_path / "digits", limit=200)
     out = tmp_path / "tiny-digits.safetensors"
@@ -84,7 +88,9 @@ async def test_cli_trains_and_uploads_to_the_app(
 
     async with running_app(make_settings(admin_token=TOKEN)) as (client, app):
         # The command makes its own client; point it at the in-process app.
-        monkeypatch.setattr(upload_module, "new_client", lambda: AsyncClient(transport=ASGITransport(app=app)))
+        monkeypatch.setattr(
+            upload_module, "new_client", lambda: AsyncClient(transport=ASGITransport(app=app))
+        )
         monkeypatch.setenv("PROMPTSWAP_ADMIN_TOKEN", TOKEN)
         assert await asyncio.to_thread(adapters_main, ["upload", str(out), "--url", "http://test"]) == 0
         printed = capsys.readouterr()

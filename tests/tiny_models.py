@@ -32,7 +32,9 @@ def _byte_symbols() -> list[str]:
 def clip_tokenizer() -> CLIPTokenizer:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("tests need open-clip-torch for CLIP's vocabulary: pip install --no-deps open-clip-torch")
+        raise RuntimeError(
+            "tests need open-clip-torch for CLIP's vocabulary: pip install --no-deps open-clip-torch"
+        )
     path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
@@ -46,13 +48,25 @@ def tiny_clip_config(vocab_size: int = 49408, image_size: int = 224, patch_size:
     # initializer_factor 3 keeps random image features apart (MODELS.md).
     return CLIPConfig(
         text_config=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=49406,
-            eos_token_id=49407, pad_token_id=49407, initializer_factor=3.0,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            vocab_size=vocab_size,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            initializer_factor=3.0,
         ),
         vision_config=dict(
-            hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-            image_size=image_size, patch_size=patch_size, initializer_factor=3.0,
+            hidden_size=96,
+            intermediate_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch_size,
+            initializer_factor=3.0,
         ),
         projection_dim=48,
         initializer_factor=3.0,

@@ -14,7 +14,6 @@ from PIL import Image
 from transformers import CLIPModel
 
 from adapters.prompted_clip import encode_image, encode_text
-
 from service.backbones.loading import BackboneLoadError, load_frozen
 
 

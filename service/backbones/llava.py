@@ -17,9 +17,7 @@ from PIL import Image
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from adapters.prompted_llava import merge_image_tokens
-
 from service.backbones.loading import BackboneLoadError, load_frozen
-
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, length, head_dim) each
 
@@ -94,8 +92,11 @@ class LlavaBackbone:
         pixels = prompt.pixel_values.to(self.device, self.dtype)
         if adapter is None:
             out = self.model(
-                input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
-                use_cache=True, logits_to_keep=1,
+                input_ids=ids,
+                pixel_values=pixels,
+                attention_mask=torch.ones_like(ids),
+                use_cache=True,
+                logits_to_keep=1,
             )
             cache, start = out.past_key_values, 0
             hidden_logits = out.logits[0, -1]
@@ -153,7 +154,10 @@ class LlavaBackbone:
             start = longest - length
             grown.append(
                 [
-                    (layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
+                    (
+                        layer.keys[row : row + 1, :, start:].clone(),
+                        layer.values[row : row + 1, :, start:].clone(),
+                    )
                     for layer in cache.layers
                 ]
             )

@@ -172,9 +172,7 @@ class GenerationEngine:
         out: list[tuple[GenRequest, Delta]] = []
         for request in new:
             try:
-                logits, request.kv, request.position = self.backbone.prefill(
-                    request.prompt, request.adapter
-                )
+                logits, request.kv, request.position = self.backbone.prefill(request.prompt, request.adapter)
             except Exception as exc:  # this request's prompt failed: only it fails
                 log.exception("prefill failed")
                 request.finish_reason = "error"
@@ -234,4 +232,3 @@ class GenerationEngine:
             sorted_probs = sorted_probs * keep
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=request.generator))
-

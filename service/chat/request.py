@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from service.http.admission import ArrivalGate, Place
-from service.scheduling.batcher import Closed, Expired, QueueFull
+from service.chat.engine import Delta, GenRequest
 from service.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -18,10 +17,11 @@ from service.errors import (
     Unavailable,
     Unprocessable,
 )
-from service.chat.engine import Delta, GenRequest
+from service.http.admission import ArrivalGate, Place
 from service.http.images import decode_base64_image, decode_image
 from service.registry.adapter_registry import LoadedAdapter
 from service.runtime import Runtime
+from service.scheduling.batcher import Closed, Expired, QueueFull
 
 
 class ContextTooLong(BadRequest):
@@ -50,8 +50,11 @@ class Usage:
 
     def as_dict(self) -> dict[str, int]:
         total = self.prompt_tokens + self.completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": total}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": total,
+        }
 
 
 def image_from_url(url: str, max_bytes: int) -> bytes:
@@ -104,9 +107,7 @@ def require_llava(runtime: Runtime) -> ArrivalGate:
     return runtime.chat_gate
 
 
-async def start(
-    runtime: Runtime, call: ChatCall, place: Place
-) -> tuple[GenRequest, LoadedAdapter | None]:
+async def start(runtime: Runtime, call: ChatCall, place: Place) -> tuple[GenRequest, LoadedAdapter | None]:
     """Check bounds, prepare the prompt off the loop and admit the request; ``place`` (its
     place at the arrival gate) is given back once it is queued.
 
@@ -139,8 +140,13 @@ async def start(
                 f"context is {llava.context_length} tokens"
             )
         request = GenRequest(
-            prompt=prompt, max_tokens=max_tokens, temperature=call.temperature, top_p=call.top_p,
-            seed=call.seed, stop=call.stop, adapter=adapter,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=call.temperature,
+            top_p=call.top_p,
+            seed=call.seed,
+            stop=call.stop,
+            adapter=adapter,
             deadline=loop.time() + s.chat_timeout_s,
         )
         place.release()  # queued from here on: the engine's bound counts it

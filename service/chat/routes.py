@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.chat import request as chat
+from service.chat.engine import GenRequest
 from service.errors import (
     ApiError,
     BadRequest,
@@ -24,14 +25,13 @@ from service.errors import (
     UnsupportedMediaType,
     error_body,
 )
-from service.chat.engine import GenRequest
-from service.http.images import decode_base64_image
-from service.registry.adapter_registry import LoadedAdapter
-from service.runtime import Runtime
-from service.http.schemas import ErrorBody, inline_schema
-from service.settings import Settings
 from service.http.deps import ReadyRuntimeDep, admitted
 from service.http.disconnect import ClientGone, unless_disconnected
+from service.http.images import decode_base64_image
+from service.http.schemas import ErrorBody, inline_schema
+from service.registry.adapter_registry import LoadedAdapter
+from service.runtime import Runtime
+from service.settings import Settings
 
 router = APIRouter(tags=["chat"])
 
@@ -97,9 +97,14 @@ async def parse_chat_body(request: Request, runtime_settings: Settings) -> chat.
     else:
         raise UnsupportedMediaType("send multipart/form-data or application/json")
     call = chat.ChatCall(
-        conversation=chat.instruction_conversation(body.instruction), image=image,
-        adapter=body.adapter, max_tokens=body.max_tokens, temperature=body.temperature,
-        top_p=body.top_p, seed=body.seed, stop=stops(body.stop),
+        conversation=chat.instruction_conversation(body.instruction),
+        image=image,
+        adapter=body.adapter,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=stops(body.stop),
     )
     call.stream = body.stream
     return call
@@ -123,15 +128,36 @@ def validated_json(model: type[BaseModel], raw: bytes) -> Any:
         raise Unprocessable(f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}") from None
 
 
-@router.post("/v1/chat", response_model=ChatResponse, responses=ERRORS, openapi_extra={
-    "requestBody": {"required": True, "content": {
-        "application/json": {"schema": inline_schema(ChatJSON)},
-        "multipart/form-data": {"schema": {"type": "object", "required": ["image", "instruction"], "properties": {
-            "image": {"type": "string", "format": "binary"}, "instruction": {"type": "string"},
-            "adapter": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
-            "temperature": {"type": "number"}, "top_p": {"type": "number"}, "seed": {"type": "integer"},
-            "stop": {"type": "array", "items": {"type": "string"}}, "stream": {"type": "boolean"}}}},
-    }}})
+@router.post(
+    "/v1/chat",
+    response_model=ChatResponse,
+    responses=ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": inline_schema(ChatJSON)},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image", "instruction"],
+                        "properties": {
+                            "image": {"type": "string", "format": "binary"},
+                            "instruction": {"type": "string"},
+                            "adapter": {"type": "string"},
+                            "max_tokens": {"type": "integer", "minimum": 1},
+                            "temperature": {"type": "number"},
+                            "top_p": {"type": "number"},
+                            "seed": {"type": "integer"},
+                            "stop": {"type": "array", "items": {"type": "string"}},
+                            "stream": {"type": "boolean"},
+                        },
+                    }
+                },
+            },
+        }
+    },
+)
 async def chat_route(request: Request, runtime: ReadyRuntimeDep) -> Any:
     """Answer an instruction about one image, with an optional M2PT adapter."""
     with admitted(chat.require_llava(runtime), runtime, "chat", retry_after_s=2) as place:
@@ -142,8 +168,13 @@ async def chat_route(request: Request, runtime: ReadyRuntimeDep) -> Any:
     key = adapter.key if adapter else None
 
     def event(delta_text: str, finish: str | None) -> dict[str, Any]:
-        payload: dict[str, Any] = {"id": rid, "model": model, "adapter": key, "text": delta_text,
-                                   "finish_reason": finish}
+        payload: dict[str, Any] = {
+            "id": rid,
+            "model": model,
+            "adapter": key,
+            "text": delta_text,
+            "finish_reason": finish,
+        }
         if finish is not None:
             payload["usage"] = chat.usage_of(generation).as_dict()
         return payload
@@ -154,14 +185,21 @@ async def chat_route(request: Request, runtime: ReadyRuntimeDep) -> Any:
     if collected is None:
         return Response(status_code=499)  # the client left; nobody reads this
     text, finish = collected
-    return ChatResponse(id=rid, model=model, adapter=key, text=text, finish_reason=finish,
-                        usage=chat.usage_of(generation).as_dict())
+    return ChatResponse(
+        id=rid,
+        model=model,
+        adapter=key,
+        text=text,
+        finish_reason=finish,
+        usage=chat.usage_of(generation).as_dict(),
+    )
 
 
 async def collect(
     request: Request, runtime: Runtime, generation: GenRequest, adapter: LoadedAdapter | None
 ) -> tuple[str, str] | None:
     """The whole answer, or None when the client left (its generation is stopped)."""
+
     async def run() -> tuple[str, str]:
         parts: list[str] = []
         finish = "stop"
@@ -198,8 +236,11 @@ def sse(
             generation.cancelled = True  # the client left or the stream ended
             runtime.release_adapter(adapter)
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 # ---------------------------------------------------------------- OpenAI-compatible
@@ -254,22 +295,32 @@ def resolve_model(runtime: Runtime, name: str) -> str | None:
     return name
 
 
-@router.post("/v1/chat/completions", responses=ERRORS,
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": inline_schema(CompletionRequest)}}}})
+@router.post(
+    "/v1/chat/completions",
+    responses=ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": inline_schema(CompletionRequest)}},
+        }
+    },
+)
 async def chat_completions(request: Request, runtime: ReadyRuntimeDep) -> Any:
     """OpenAI's chat completions: messages with text and data: URL image parts."""
     if not request.headers.get("content-type", "").lower().startswith("application/json"):
         raise UnsupportedMediaType("send application/json")
     with admitted(chat.require_llava(runtime), runtime, "chat", retry_after_s=2) as place:
         body: CompletionRequest = validated_json(CompletionRequest, await request.body())
-        conversation, image = chat.openai_conversation(
-            body.messages, runtime.settings.max_body_bytes
-        )
+        conversation, image = chat.openai_conversation(body.messages, runtime.settings.max_body_bytes)
         call = chat.ChatCall(
-            conversation=conversation, image=image, adapter=resolve_model(runtime, body.model),
-            max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
-            top_p=body.top_p, seed=body.seed, stop=stops(body.stop),
+            conversation=conversation,
+            image=image,
+            adapter=resolve_model(runtime, body.model),
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=stops(body.stop),
         )
         generation, adapter = await chat.start(runtime, call, place)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -286,11 +337,26 @@ async def chat_completions(request: Request, runtime: ReadyRuntimeDep) -> Any:
             if first[0]:
                 piece["role"] = "assistant"
                 first[0] = False
-            out.append({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": piece, "finish_reason": delta.finish_reason}]})
+            out.append(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": piece, "finish_reason": delta.finish_reason}],
+                }
+            )
             if delta.finish_reason is not None and include_usage:
-                out.append({"id": rid, "object": "chat.completion.chunk", "created": created,
-                            "model": model, "choices": [], "usage": chat.usage_of(generation).as_dict()})
+                out.append(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": chat.usage_of(generation).as_dict(),
+                    }
+                )
             return out
 
         return sse(runtime, generation, adapter, chunks)
@@ -299,9 +365,20 @@ async def chat_completions(request: Request, runtime: ReadyRuntimeDep) -> Any:
     if collected is None:
         return Response(status_code=499)
     text, finish = collected
-    return JSONResponse({
-        "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish, "logprobs": None}],
-        "usage": chat.usage_of(generation).as_dict(),
-    })
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            ],
+            "usage": chat.usage_of(generation).as_dict(),
+        }
+    )

@@ -17,8 +17,8 @@ from typing import Protocol
 import torch
 
 from service.backbones.clip import ClipBackbone
-from service.errors import Unprocessable
 from service.classify.text_cache import TextCache, TextKey
+from service.errors import Unprocessable
 
 PREFIX_CACHE_ENTRIES = 4096  # distinct templates whose prefix token count is kept
 TEXT_CHUNK = 256  # prompts per text forward: bounds activation memory for big label sets
@@ -70,7 +70,9 @@ class ClassifyHandler:
     def __call__(self, items: list[ClassifyItem]) -> list[ClassifyResult | BaseException]:
         model_id = self.backbone.model_id
         keys_per_item = [item.text_keys(model_id) for item in items]
-        adapter_of = {k.adapter: item.adapter for item, keys in zip(items, keys_per_item) for k in keys}
+        adapter_of = {
+            k.adapter: item.adapter for item, keys in zip(items, keys_per_item, strict=False) for k in keys
+        }
         unique = list(dict.fromkeys(k for keys in keys_per_item for k in keys))
         features, missing = self.cache.lookup(unique)
         failed = self._compute_text(missing, adapter_of, features)
@@ -100,7 +102,7 @@ class ClassifyHandler:
         lengths = self.backbone.token_lengths([k.template.replace("{}", k.label) for k in missing])
         # One text forward per prompt shape: prompts of different adapters stack row-wise.
         by_shape: dict[tuple[int, ...] | None, list[TextKey]] = defaultdict(list)
-        for key, n_tokens in zip(missing, lengths):
+        for key, n_tokens in zip(missing, lengths, strict=False):
             adapter = adapter_of[key.adapter]
             problem = self._prompt_problem(key, n_tokens, limit, adapter)
             if problem is not None:
@@ -117,7 +119,7 @@ class ClassifyHandler:
                     [k.template.replace("{}", k.label) for k in chunk], prompts
                 )
                 self.text_forwards += 1
-                for key, feat in zip(chunk, feats):
+                for key, feat in zip(chunk, feats, strict=False):
                     out[key] = feat
                     self.cache.put(key, feat)
         return failed
@@ -164,6 +166,6 @@ class ClassifyHandler:
             if shape is not None:
                 prompts = torch.stack([items[i].adapter.folded.vision for i in rows])
             feats = self.backbone.image_features(pixels, prompts)  # (B, P)
-            for i, feat in zip(rows, feats):
+            for i, feat in zip(rows, feats, strict=False):
                 out[i] = feat
         return out  # type: ignore[return-value]

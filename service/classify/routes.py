@@ -12,8 +12,6 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.http.admission import Place
-from service.scheduling.batcher import Closed, Expired, QueueFull
 from service.classify.handler import ClassifyItem
 from service.errors import (
     BadRequest,
@@ -23,9 +21,10 @@ from service.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
+from service.http.admission import Place
+from service.http.deps import ReadyRuntimeDep, admitted
+from service.http.disconnect import ClientGone, unless_disconnected
 from service.http.images import decode_base64_image, decode_image
-from service.registry.adapter_registry import LoadedAdapter
-from service.runtime import Runtime
 from service.http.schemas import (
     DEFAULT_TEMPLATE,
     ClassifyJSON,
@@ -34,9 +33,10 @@ from service.http.schemas import (
     LabelScore,
     inline_schema,
 )
+from service.registry.adapter_registry import LoadedAdapter
+from service.runtime import Runtime
+from service.scheduling.batcher import Closed, Expired, QueueFull
 from service.settings import Settings
-from service.http.deps import ReadyRuntimeDep, admitted
-from service.http.disconnect import ClientGone, unless_disconnected
 
 router = APIRouter(tags=["inference"])
 
@@ -94,9 +94,7 @@ async def classify(request: Request, runtime: ReadyRuntimeDep) -> Any:
         try:
             # An adapter is used with the template it was trained with unless told otherwise.
             template = template or (adapter.template if adapter else None) or DEFAULT_TEMPLATE
-            return await _classify(
-                request, runtime, place, image_bytes, labels, template, top_k, adapter
-            )
+            return await _classify(request, runtime, place, image_bytes, labels, template, top_k, adapter)
         finally:
             runtime.release_adapter(adapter)
 
@@ -122,9 +120,7 @@ async def _classify(
     item = ClassifyItem(pixels, labels, template, adapter)
     place.release()  # queued from here on: the queue's bound counts it
     try:
-        result = await unless_disconnected(
-            request, queue.submit(item, s.request_timeout_s)
-        )
+        result = await unless_disconnected(request, queue.submit(item, s.request_timeout_s))
     except QueueFull as exc:
         runtime.metrics.rejected.labels("classify", "queue_full").inc()
         raise Overloaded(f"server busy: {exc}", retry_after_s=1) from None
@@ -212,9 +208,7 @@ def _check_labels(labels: list[str], s: Settings) -> list[str]:
         if not label.strip():
             raise Unprocessable("labels: a label is empty")
         if len(label) > s.max_label_chars:
-            raise Unprocessable(
-                f"labels: a label is {len(label)} characters; at most {s.max_label_chars}"
-            )
+            raise Unprocessable(f"labels: a label is {len(label)} characters; at most {s.max_label_chars}")
         if "\x00" in label:
             raise Unprocessable("labels: a label contains a NUL character")
         if label in seen:

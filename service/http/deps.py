@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.http.admission import ArrivalGate, NoPlace, Place
 from service.errors import Overloaded, Unavailable
+from service.http.admission import ArrivalGate, NoPlace, Place
 from service.runtime import Runtime
 
 

@@ -29,14 +29,12 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))  # reads the header only
             if image.format not in ALLOWED_FORMATS:
                 raise InvalidImage(
-                    f"image format {image.format} is not supported; use one of "
-                    + ", ".join(ALLOWED_FORMATS)
+                    f"image format {image.format} is not supported; use one of " + ", ".join(ALLOWED_FORMATS)
                 )
             width, height = image.size
             if width * height > max_pixels:
                 raise PayloadTooLarge(
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels}"
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
                 )
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animated GIF/WebP: the first frame

@@ -123,9 +123,7 @@ class BodyLimitMiddleware:
                 await self._reject(send, max_bytes)
 
     async def _reject(self, send: Send, max_bytes: int) -> None:
-        body = json.dumps(
-            error_body("payload_too_large", f"request body is over {max_bytes} bytes")
-        ).encode()
+        body = json.dumps(error_body("payload_too_large", f"request body is over {max_bytes} bytes")).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -227,7 +225,9 @@ class ApiKeyMiddleware:
         await _send_json(
             send,
             401,
-            error_body("unauthorized", "missing or invalid API key: send 'Authorization: Bearer KEY' "
-                       "or 'X-API-Key: KEY'"),
+            error_body(
+                "unauthorized",
+                "missing or invalid API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+            ),
             [(b"www-authenticate", b"Bearer")],
         )

@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import error_body
-from service.http.schemas import ModelCard, ModelList
 from service.http.deps import ReadyRuntimeDep, RuntimeDep
+from service.http.schemas import ModelCard, ModelList
 
 router = APIRouter(tags=["operations"])
 

@@ -32,7 +32,6 @@ from adapters.format import (
     read_adapter_file,
     validate_for_backbone,
 )
-
 from service.errors import ApiError, Conflict, NotFound, Unavailable, Unprocessable
 from service.metrics import Metrics
 from service.registry.store import AdapterStore, StoredVersion

@@ -21,10 +21,10 @@ from service.errors import (
     Unavailable,
     Unprocessable,
 )
-from service.registry.adapter_registry import AdapterRegistry, parse_ref
-from service.http.schemas import ErrorBody
-from service.registry.store import StoreFull
 from service.http.deps import ReadyRuntimeDep, RuntimeDep
+from service.http.schemas import ErrorBody
+from service.registry.adapter_registry import AdapterRegistry, parse_ref
+from service.registry.store import StoreFull
 
 router = APIRouter()
 
@@ -48,8 +48,7 @@ def registry_of(runtime: ReadyRuntimeDep) -> AdapterRegistry:
 AdminDep = Depends(require_admin)
 RegistryDep = Annotated[AdapterRegistry, Depends(registry_of)]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody}
-    for code in (400, 401, 404, 409, 413, 422, 503, 507)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 503, 507)
 }
 UPLOAD_BODY = {
     "requestBody": {
@@ -106,8 +105,13 @@ async def upload_adapter(request: Request, registry: RegistryDep, runtime: Ready
     manifest = json.loads(adapter.manifest.to_json())
     manifest["version"] = stored.version
     return JSONResponse(
-        {"name": stored.name, "version": stored.version, "key": stored.key,
-         "size_bytes": stored.size, "manifest": manifest},
+        {
+            "name": stored.name,
+            "version": stored.version,
+            "key": stored.key,
+            "size_bytes": stored.size,
+            "manifest": manifest,
+        },
         status_code=201,
         headers={"Location": f"/v1/adapters/{stored.name}"},
     )

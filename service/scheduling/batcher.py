@@ -180,7 +180,7 @@ class BatchQueue(Generic[T, R]):
         except Exception as exc:  # the whole batch failed: each caller gets the error
             log.exception("batch of %d failed", len(live))
             results = [exc] * len(live)
-        for p, result in zip(live, results):
+        for p, result in zip(live, results, strict=False):
             if p.future.done():
                 continue
             if isinstance(result, BaseException):

@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def dassl_dir(tmp_path: Path) -> Path:
     out = tmp_path / "output"
-    save_dassl(out / "MultiModalPromptLearner" / "model.pth.tar-5", reference_state(), scheduler=WarmupScheduler())
+    save_dassl(
+        out / "MultiModalPromptLearner" / "model.pth.tar-5", reference_state(), scheduler=WarmupScheduler()
+    )
     return out
 
 
@@ -36,9 +38,20 @@ def adapter_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_import_maple(dassl_dir: Path, clip_config_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_import_maple(
+    dassl_dir: Path, clip_config_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "imported.safetensors"
-    argv = ["import-maple", str(dassl_dir), "--backbone", str(clip_config_dir), "--name", "flowers", "-o", str(out)]
+    argv = [
+        "import-maple",
+        str(dassl_dir),
+        "--backbone",
+        str(clip_config_dir),
+        "--name",
+        "flowers",
+        "-o",
+        str(out),
+    ]
     assert main([*argv, "--description", "from the reference", "--ctx-init", "a_picture of"]) == 0
     assert "wrote" in capsys.readouterr().out
     adapter = read_adapter_file(out, max_bytes=1 << 20)
@@ -52,7 +65,9 @@ def test_import_maple_default_output(
     dassl_dir: Path, clip_config_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["import-maple", str(dassl_dir), "--backbone", str(clip_config_dir), "--name", "flowers"]) == 0
+    assert (
+        main(["import-maple", str(dassl_dir), "--backbone", str(clip_config_dir), "--name", "flowers"]) == 0
+    )
     assert (tmp_path / "flowers.safetensors").is_file()
 
 
@@ -62,9 +77,14 @@ def test_import_maple_errors(
     argv = ["import-maple", str(dassl_dir), "--backbone", str(clip_config_dir), "-o", str(tmp_path / "x")]
     assert main([*argv, "--name", "Bad Name"]) == 1
     assert "adapter name" in capsys.readouterr().err
-    assert main(["import-maple", str(tmp_path / "nothing"), "--backbone", str(clip_config_dir), "--name", "x"]) == 1
+    assert (
+        main(["import-maple", str(tmp_path / "nothing"), "--backbone", str(clip_config_dir), "--name", "x"])
+        == 1
+    )
     assert "no checkpoint" in capsys.readouterr().err
-    assert main(["import-maple", str(dassl_dir), "--backbone", str(tmp_path / "no-model"), "--name", "x"]) == 1
+    assert (
+        main(["import-maple", str(dassl_dir), "--backbone", str(tmp_path / "no-model"), "--name", "x"]) == 1
+    )
     assert "error" in capsys.readouterr().err
 
 
@@ -83,7 +103,9 @@ def test_inspect_rejects_garbage(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "not a safetensors adapter" in capsys.readouterr().err
 
 
-def test_validate(adapter_file: Path, clip_config_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_validate(
+    adapter_file: Path, clip_config_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert main(["validate", str(adapter_file), "--backbone", str(clip_config_dir)]) == 0
     assert capsys.readouterr().out.strip() == "ok"
     other = tmp_path / "other-clip"
@@ -94,7 +116,15 @@ def test_validate(adapter_file: Path, clip_config_dir: Path, tmp_path: Path, cap
 
 def test_runs_as_a_module(adapter_file: Path, clip_config_dir: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "adapters.cli", "validate", str(adapter_file), "--backbone", str(clip_config_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "adapters.cli",
+        "validate",
+        str(adapter_file),
+        "--backbone",
+        str(clip_config_dir),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"

@@ -108,7 +108,9 @@ def test_safetensors_library_reads_it(tmp_path: Path) -> None:
 
 def test_version_can_be_set_later() -> None:
     adapter = load_adapter(valid_bytes(), max_bytes=MAX)
-    again = load_adapter(encode_adapter(replace(adapter, manifest=replace(adapter.manifest, version=7))), max_bytes=MAX)
+    again = load_adapter(
+        encode_adapter(replace(adapter, manifest=replace(adapter.manifest, version=7))), max_bytes=MAX
+    )
     assert again.manifest.version == 7
     assert again.manifest.tensors_sha256 == adapter.manifest.tensors_sha256
 
@@ -318,7 +320,9 @@ def test_good_names(name: str) -> None:
     assert check_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "Digits", "-x", ".hidden", "a" * 65, "a/b", "../x", "a b", "ä", 3, None, "x\n"])
+@pytest.mark.parametrize(
+    "name", ["", "Digits", "-x", ".hidden", "a" * 65, "a/b", "../x", "a b", "ä", 3, None, "x\n"]
+)
 def test_bad_names(name: Any) -> None:
     with pytest.raises(AdapterNameError, match="adapter name"):
         check_name(name)
@@ -346,7 +350,9 @@ def test_checksum_detects_a_flipped_byte() -> None:
 def test_checksum_is_canonical() -> None:
     a = {"text_prompts": torch.ones(1, 1, 2), "vision_prompts": torch.zeros(1, 1, 3)}
     assert tensors_sha256(a) == tensors_sha256(dict(reversed(a.items())))
-    assert tensors_sha256(a) != tensors_sha256(a | {"text_prompts": torch.ones(1, 2, 1)})  # same bytes, other shape
+    assert tensors_sha256(a) != tensors_sha256(
+        a | {"text_prompts": torch.ones(1, 2, 1)}
+    )  # same bytes, other shape
     assert tensors_sha256(a) != tensors_sha256(a | {"text_prompts": torch.ones(1, 1, 2).half()})
 
 

@@ -17,7 +17,9 @@ from tests.adapters.conftest import tiny_clip_config
 
 torch.manual_seed(0)
 VALID = dump_adapter(
-    fold(MaplePromptLearner(MapleConfig(2, 2, 64, 96))), name="fuzz", backbone=clip_fingerprint(tiny_clip_config())
+    fold(MaplePromptLearner(MapleConfig(2, 2, 64, 96))),
+    name="fuzz",
+    backbone=clip_fingerprint(tiny_clip_config()),
 )
 (HEADER_LEN,) = struct.unpack("<Q", VALID[:8])
 HEADER = json.loads(VALID[8 : 8 + HEADER_LEN])
@@ -26,7 +28,11 @@ MAX = 1 << 20
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )

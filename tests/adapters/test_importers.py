@@ -83,9 +83,18 @@ def reference_state(seed: int = 0, *, n_cls: int = 3) -> OrderedDict[str, torch.
 def save_dassl(path: Path, state: dict, *, scheduler: object, epoch: int = 5) -> Path:
     """Dassl save_checkpoint's dict, written with torch.save."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    optimizer = {"state": {0: {"momentum_buffer": torch.zeros(2, 64)}}, "param_groups": [{"lr": 0.0035, "params": [0]}]}
+    optimizer = {
+        "state": {0: {"momentum_buffer": torch.zeros(2, 64)}},
+        "param_groups": [{"lr": 0.0035, "params": [0]}],
+    }
     torch.save(
-        {"state_dict": state, "epoch": epoch, "optimizer": optimizer, "scheduler": scheduler, "val_result": None},
+        {
+            "state_dict": state,
+            "epoch": epoch,
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "val_result": None,
+        },
         path,
     )
     return path
@@ -96,7 +105,9 @@ def hostile_checkpoint(tmp_path: Path) -> tuple[Path, list[Path]]:
     markers = [tmp_path / "shell-ran", tmp_path / "file-written"]
     scheduler = {"sched": WarmupScheduler(), "a": RunsShell(markers[0]), "b": WritesFile(markers[1])}
     path = save_dassl(
-        tmp_path / "out" / "MultiModalPromptLearner" / "model.pth.tar-5", reference_state(), scheduler=scheduler
+        tmp_path / "out" / "MultiModalPromptLearner" / "model.pth.tar-5",
+        reference_state(),
+        scheduler=scheduler,
     )
     return path, markers
 
@@ -117,7 +128,9 @@ def test_import_never_runs_code(hostile_checkpoint: tuple[Path, list[Path]]) -> 
     assert imported.learner.config == CONFIG
 
 
-def test_restricted_reader_turns_objects_into_inert_records(hostile_checkpoint: tuple[Path, list[Path]]) -> None:
+def test_restricted_reader_turns_objects_into_inert_records(
+    hostile_checkpoint: tuple[Path, list[Path]],
+) -> None:
     path, markers = hostile_checkpoint
     ckpt = read_checkpoint_restricted(path)
     shell = ckpt["scheduler"]["a"]
@@ -138,12 +151,17 @@ def test_fp16_becomes_fp32_with_the_same_values(hostile_checkpoint: tuple[Path, 
     assert all(p.dtype == torch.float32 for p in learner.parameters())
     assert torch.equal(learner.ctx.detach(), ref["prompt_learner.ctx"].float())
     assert torch.equal(learner.proj.weight.detach(), ref["prompt_learner.proj.weight"].float())
-    assert torch.equal(learner.compound_prompts_text[1].detach(), ref["prompt_learner.compound_prompts_text.1"])
+    assert torch.equal(
+        learner.compound_prompts_text[1].detach(), ref["prompt_learner.compound_prompts_text.1"]
+    )
     folded = fold(learner)
     expected = (
-        ref["prompt_learner.compound_prompt_projections.0.weight"] @ ref["prompt_learner.compound_prompts_text.0"].T
+        ref["prompt_learner.compound_prompt_projections.0.weight"]
+        @ ref["prompt_learner.compound_prompts_text.0"].T
     )
-    torch.testing.assert_close(folded.vision[1], expected.T + ref["prompt_learner.compound_prompt_projections.0.bias"])
+    torch.testing.assert_close(
+        folded.vision[1], expected.T + ref["prompt_learner.compound_prompt_projections.0.bias"]
+    )
 
 
 def test_plain_checkpoint_uses_weights_only(tmp_path: Path) -> None:
@@ -156,7 +174,9 @@ def test_plain_checkpoint_uses_weights_only(tmp_path: Path) -> None:
 
 def test_bare_prompt_learner_state(tmp_path: Path) -> None:
     state = {
-        k.removeprefix("prompt_learner."): v for k, v in reference_state().items() if k.startswith("prompt_learner.")
+        k.removeprefix("prompt_learner."): v
+        for k, v in reference_state().items()
+        if k.startswith("prompt_learner.")
     }
     torch.save(state, tmp_path / "learner.pt")
     assert import_maple_checkpoint(tmp_path / "learner.pt").learner.config == CONFIG
@@ -250,7 +270,10 @@ def test_mutated_checkpoints_fail_only_with_typed_errors(
                 z.writestr(name, bytes(pkl) if name == pkl_name else data)
         target = tmp_path / f"mutant-{trial}.pth.tar"
         target.write_bytes(buf.getvalue())
-        for reader in (import_maple_checkpoint, read_checkpoint_restricted):  # the latter: no torch.load first
+        for reader in (
+            import_maple_checkpoint,
+            read_checkpoint_restricted,
+        ):  # the latter: no torch.load first
             try:
                 reader(target)
             except AdapterError:

@@ -62,7 +62,9 @@ def test_fold_equals_the_learner() -> None:
     vision, text = learner.prompts()
     assert folded.vision.shape == (3, 2, 32) and folded.text.shape == (3, 3, 64)
     assert torch.equal(folded.vision, vision) and torch.equal(folded.text, text)
-    assert all(t.dtype == torch.float32 and not t.requires_grad for t in (folded.vision, folded.projector_weight))
+    assert all(
+        t.dtype == torch.float32 and not t.requires_grad for t in (folded.vision, folded.projector_weight)
+    )
     features = torch.randn(2, 16, 32)
     torch.testing.assert_close(folded.project(features), learner(features).detach(), atol=0, rtol=0)
     assert folded.nbytes == 4 * (3 * 2 * 32 + 3 * 3 * 64 + 64 * 32 + 64) == 4 * learner.config.num_parameters
@@ -99,7 +101,12 @@ def test_format_round_trip() -> None:
     data = dump_m2pt_adapter(folded, name="vqa", backbone=FP, version=2, description="tiny")
     adapter = load_adapter(data, max_bytes=MAX)
     assert adapter.manifest.method == "m2pt" and adapter.manifest.version == 2
-    assert adapter.manifest.hyperparameters == {"n_vision": 2, "vision_depth": 3, "n_text": 3, "text_depth": 2}
+    assert adapter.manifest.hyperparameters == {
+        "n_vision": 2,
+        "vision_depth": 3,
+        "n_text": 3,
+        "text_depth": 2,
+    }
     assert isinstance(adapter.folded, FoldedM2pt)
     for name in ("vision", "text", "projector_weight", "projector_bias"):
         assert torch.equal(getattr(adapter.folded, name), getattr(folded, name)), name
@@ -161,7 +168,9 @@ def test_a_missing_tensor_or_hyperparameter_is_refused() -> None:
         "projector_weight": folded.projector_weight,
     }
     with pytest.raises(Exception, match="adapter tensors must be exactly"):
-        load_adapter(_file(tensors, {"n_vision": 2, "vision_depth": 3, "n_text": 3, "text_depth": 3}), max_bytes=MAX)
+        load_adapter(
+            _file(tensors, {"n_vision": 2, "vision_depth": 3, "n_text": 3, "text_depth": 3}), max_bytes=MAX
+        )
     tensors["projector_bias"] = folded.projector_bias
     with pytest.raises(AdapterValueError, match="hyperparameters.n_text"):
         load_adapter(_file(tensors, {"n_vision": 2, "vision_depth": 3, "text_depth": 3}), max_bytes=MAX)

@@ -148,7 +148,9 @@ def test_gradients_reach_every_used_parameter(llava) -> None:
     torch.manual_seed(7)
     learner = M2ptPromptLearner(M2ptConfig.for_llava(model.config, n_vision=2, n_text=2))
     inputs = chat_inputs(processor, INSTRUCTIONS[:2])
-    logits = explicit_forward(model, inputs["input_ids"], inputs["attention_mask"], pixels(2), learner.as_folded())
+    logits = explicit_forward(
+        model, inputs["input_ids"], inputs["attention_mask"], pixels(2), learner.as_folded()
+    )
     logits.logsumexp(-1).mean().backward()
     grads = {name: p.grad for name, p in learner.named_parameters()}
     # Feature layer -2 is the last vision layer's input: that layer's prompt never reaches the LLM.
@@ -164,7 +166,9 @@ def test_saved_tiny_llava_loads_offline_and_generates(tmp_path: Path) -> None:
     directory = save_tiny_llava(tmp_path / "tiny-llava")
     model = LlavaForConditionalGeneration.from_pretrained(directory).eval()
     processor = AutoProcessor.from_pretrained(directory)
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the image"}]}]
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the image"}]}
+    ]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     assert text == "USER: <image>\nwhat is in the image ASSISTANT:"
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
@@ -173,6 +177,8 @@ def test_saved_tiny_llava_loads_offline_and_generates(tmp_path: Path) -> None:
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         # The served path with no adapter gives generate's first token.
-        logits = forward_with_prefix(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], None)
+        logits = forward_with_prefix(
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], None
+        )
     assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
     assert logits[0, -1].argmax() == out[0, inputs["input_ids"].shape[1]]

@@ -18,7 +18,8 @@ CONFIG = MapleConfig(n_ctx=2, depth=3, text_width=64, vision_width=96)
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(n_ctx=0), dict(depth=0), dict(n_ctx=-1), dict(depth=1.5), dict(text_width=0), dict(n_ctx=True)]
+    "kwargs",
+    [dict(n_ctx=0), dict(depth=0), dict(n_ctx=-1), dict(depth=1.5), dict(text_width=0), dict(n_ctx=True)],
 )
 def test_config_validation(kwargs: dict) -> None:
     values = dict(n_ctx=2, depth=3, text_width=64, vision_width=96) | kwargs

@@ -28,7 +28,8 @@ def reference_learner_outputs(learner: MaplePromptLearner | None):
     if learner is None:
         return None
     visual_deep = [
-        layer(p) for layer, p in zip(learner.compound_prompt_projections, learner.compound_prompts_text, strict=True)
+        layer(p)
+        for layer, p in zip(learner.compound_prompt_projections, learner.compound_prompts_text, strict=True)
     ]
     return learner.ctx, learner.proj(learner.ctx), list(learner.compound_prompts_text), visual_deep
 
@@ -122,7 +123,9 @@ def test_prompted_clip_matches_reference(tiny_clip: CLIPModel, depth: int) -> No
     ids = random_text_ids(3, 12, seed=2)
 
     with torch.no_grad():
-        ref_img = torch.cat([reference_image_features(tiny_clip, images[i : i + 1], learner) for i in range(2)])
+        ref_img = torch.cat(
+            [reference_image_features(tiny_clip, images[i : i + 1], learner) for i in range(2)]
+        )
         ref_txt = torch.cat([reference_text_features(tiny_clip, ids[i : i + 1], learner) for i in range(3)])
         img = encode_image(tiny_clip, images, folded.vision.expand(2, -1, -1, -1))
         txt = encode_text(tiny_clip, ids, torch.ones_like(ids), folded.text.expand(3, -1, -1, -1))
@@ -130,7 +133,9 @@ def test_prompted_clip_matches_reference(tiny_clip: CLIPModel, depth: int) -> No
 
     torch.testing.assert_close(img, ref_img, atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(txt, ref_txt, atol=ATOL, rtol=1e-5)
-    torch.testing.assert_close(logits(tiny_clip, img, txt), logits(tiny_clip, ref_img, ref_txt), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        logits(tiny_clip, img, txt), logits(tiny_clip, ref_img, ref_txt), atol=ATOL, rtol=0
+    )
     assert (img - plain_img).abs().max() > 1e-2  # the prompts really act
 
 

@@ -18,7 +18,6 @@ from adapters.format import load_adapter
 from adapters.training import TrainConfig, Trainer, load_backbone
 from tests.adapters.test_training_data import render_digits
 
-
 # Tiny models: one intra-op thread is faster and far steadier on a busy 2-core machine.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,7 +46,9 @@ def adapter_sha(data: bytes) -> str:
     return load_adapter(data, max_bytes=1 << 20).manifest.tensors_sha256
 
 
-def test_only_prompts_train_backbone_bit_identical(tiny_clip_dir: Path, small_digits: Path, tmp_path: Path) -> None:
+def test_only_prompts_train_backbone_bit_identical(
+    tiny_clip_dir: Path, small_digits: Path, tmp_path: Path
+) -> None:
     t = trainer(small_config(tiny_clip_dir, small_digits, tmp_path, epochs=1))
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     assert not any(p.requires_grad for p in t.model.parameters())
@@ -75,7 +76,9 @@ def test_ctx_starts_from_the_template_words(tiny_clip_dir: Path, small_digits: P
         trainer(small_config(tiny_clip_dir, small_digits, tmp_path, template="{} digit"))
 
 
-def test_interrupt_then_resume_equals_uninterrupted(tiny_clip_dir: Path, small_digits: Path, tmp_path: Path) -> None:
+def test_interrupt_then_resume_equals_uninterrupted(
+    tiny_clip_dir: Path, small_digits: Path, tmp_path: Path
+) -> None:
     whole = trainer(small_config(tiny_clip_dir, small_digits, tmp_path / "whole", max_steps=7)).run()
 
     def ctrl_c_at_4(step: int) -> None:
@@ -96,7 +99,9 @@ def test_interrupt_then_resume_equals_uninterrupted(tiny_clip_dir: Path, small_d
     assert resumed.history == whole.history
 
     with pytest.raises(AdapterValueError, match="lr differ"):
-        trainer(small_config(tiny_clip_dir, small_digits, tmp_path / "cut", max_steps=7, lr=0.02, resume=True)).run()
+        trainer(
+            small_config(tiny_clip_dir, small_digits, tmp_path / "cut", max_steps=7, lr=0.02, resume=True)
+        ).run()
 
 
 def test_checkpoint_write_is_atomic(

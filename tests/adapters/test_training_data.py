@@ -20,7 +20,7 @@ def render_digits(root: Path, size: int = 64, limit: int | None = None) -> Path:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    for i, (image, target) in enumerate(zip(digits.images, digits.target)):
+    for i, (image, target) in enumerate(zip(digits.images, digits.target, strict=False)):
         if limit is not None and i >= limit:
             break
         folder = root / DIGIT_NAMES[target]
@@ -45,7 +45,11 @@ def test_split_is_few_shot_disjoint_and_seeded(digits_dir: Path) -> None:
     again = few_shot_split(digits_dir, shots=16, seed=3, eval_fraction=0.25)
     assert again == split and again.fingerprint() == split.fingerprint()
     assert few_shot_split(digits_dir, shots=16, seed=4).train != split.train
-    assert epoch_order(160, seed=3, epoch=1) == epoch_order(160, seed=3, epoch=1) != epoch_order(160, seed=3, epoch=2)
+    assert (
+        epoch_order(160, seed=3, epoch=1)
+        == epoch_order(160, seed=3, epoch=1)
+        != epoch_order(160, seed=3, epoch=2)
+    )
 
 
 def test_bad_folders_say_why(tmp_path: Path) -> None:

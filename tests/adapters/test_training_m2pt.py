@@ -73,10 +73,15 @@ def instructions(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_collate_left_pads_and_labels_only_the_answer(sharp_llava: Path, instructions: Path) -> None:
     model, processor = load_llava(str(sharp_llava), torch.device("cpu"))
     t = M2ptTrainer(
-        M2ptTrainConfig(str(sharp_llava), str(instructions), "unused", device="cpu"), model, processor, log=io.StringIO()
+        M2ptTrainConfig(str(sharp_llava), str(instructions), "unused", device="cpu"),
+        model,
+        processor,
+        log=io.StringIO(),
     )
     short = t.encoded[0]
-    longer = type(short)(torch.cat([short.prompt_ids[:1], short.prompt_ids]), short.answer_ids, short.pixel_values)
+    longer = type(short)(
+        torch.cat([short.prompt_ids[:1], short.prompt_ids]), short.answer_ids, short.pixel_values
+    )
     ids, mask, labels, px = collate([short, longer], pad_id=processor.tokenizer.pad_token_id)
     assert ids.shape == labels.shape == mask.shape and px.shape[0] == 2
     assert mask[0, 0] == 0 and mask[0, 1:].all() and mask[1].all()  # left padding
@@ -87,7 +92,9 @@ def test_collate_left_pads_and_labels_only_the_answer(sharp_llava: Path, instruc
         assert kept == answer and row[-len(answer) :].tolist() == answer
 
 
-def test_prompts_learn_the_answer_backbone_frozen(sharp_llava: Path, instructions: Path, tmp_path: Path) -> None:
+def test_prompts_learn_the_answer_backbone_frozen(
+    sharp_llava: Path, instructions: Path, tmp_path: Path
+) -> None:
     config = M2ptTrainConfig(
         str(sharp_llava), str(instructions), str(tmp_path / "m.safetensors"), n_vision=4, n_text=4,
         lr=0.05, steps=50, batch_size=4, seed=0, device="cpu",
@@ -163,5 +170,8 @@ def test_cli_train_m2pt(sharp_llava: Path, instructions: Path, tmp_path: Path) -
     adapter = load_adapter(out.read_bytes(), max_bytes=1 << 22)
     assert adapter.manifest.method == "m2pt"
     assert adapter.manifest.name == "cat-answers"
-    assert (adapter.manifest.hyperparameters["n_vision"], adapter.manifest.hyperparameters["n_text"]) == (2, 3)
+    assert (adapter.manifest.hyperparameters["n_vision"], adapter.manifest.hyperparameters["n_text"]) == (
+        2,
+        3,
+    )
     assert adapter.manifest.hyperparameters["steps"] == 3
