@@ -13,9 +13,9 @@ from httpx import ASGITransport, AsyncClient
 from service.backbones.clip import ClipBackbone
 from service.registry import store as store_module
 from tests.adapter_files import adapter_bytes
+from tests.classify.test_errors import Gate, assert_error, form, still_serving
 from tests.conftest import encode, make_image, running_app
-from tests.test_adapters_api import TOKEN, upload
-from tests.test_classify_errors import Gate, assert_error, form, still_serving
+from tests.registry.test_admin_api import TOKEN, upload
 
 
 def full_tree(root: Path) -> dict[str, bytes | None]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.classify.test_errors import Gate, assert_error, form
 from tests.conftest import encode, make_image, running_app
-from tests.test_classify_errors import Gate, assert_error, form
 
 
 async def test_burst_past_the_queue_gets_fast_429s_and_recovery_is_immediate(make_settings, monkeypatch):

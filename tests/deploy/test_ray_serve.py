@@ -34,7 +34,7 @@ from tests.adapter_files import adapter_bytes
 from tests.conftest import encode, make_image, running_app
 from tests.test_cli import wait_ready
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "deploy" / "ray" / "serve-config.yaml"
 TOKEN = "ray-test-admin-7c1e90"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,9 +13,9 @@ from service.cli import main as cli_main
 from service.http import middleware
 from service.main import create_app
 from tests.adapter_files import adapter_bytes
+from tests.classify.test_errors import assert_error
 from tests.conftest import encode, make_image, running_app
-from tests.test_adapters_api import TOKEN, upload
-from tests.test_classify_errors import assert_error
+from tests.registry.test_admin_api import TOKEN, upload
 
 KEYS = ("key-alpha-0123456789", "key-beta-9876543210")
 KEYS_FILE = f"""# promptswap API keys

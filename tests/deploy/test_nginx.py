@@ -40,7 +40,7 @@ from tests.conftest import encode, make_image
 
 pytestmark = pytest.mark.cluster
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 NGINX_DIR = DOCKER / "nginx"
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -17,9 +17,9 @@ import torch
 
 from adapters.format import METADATA_KEY
 from tests.adapter_files import adapter_bytes
+from tests.classify.test_errors import assert_error
 from tests.conftest import encode, make_image, running_app
-from tests.test_adapters_api import AUTH, TOKEN, store_snapshot, upload
-from tests.test_classify_errors import assert_error
+from tests.registry.test_admin_api import AUTH, TOKEN, store_snapshot, upload
 
 TRAVERSALS = [
     "..",

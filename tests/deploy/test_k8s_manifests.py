@@ -33,7 +33,7 @@ import yaml
 
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 RAY_FILE = K8S / "ray" / "rayservice.yaml"
 OVERLAYS = ("cpu", "gpu")

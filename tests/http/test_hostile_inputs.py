@@ -16,8 +16,8 @@ from PIL import Image, ImageFile
 from transformers.image_utils import load_image
 
 from service.settings import Settings
+from tests.classify.test_errors import assert_error, form, still_serving
 from tests.conftest import encode, make_image, running_app
-from tests.test_classify_errors import assert_error, form, still_serving
 
 LABELS = ["cat", "dog", "boat"]
 # One app for the module (the tests only read): its start-up is most of a test's time.
