@@ -1,4 +1,4 @@
-"""Adapter commands: ``import-maple``, ``inspect``, ``validate``, ``train maple``, ``upload``.
+"""Adapter commands: ``import-maple``, ``inspect``, ``validate``, ``train maple``, ``train m2pt``, ``upload``.
 
 ``register(subparsers)`` adds them to any argparse subparsers object (the service
 wires them as ``promptswap adapters <cmd>``); each sets ``func(args) -> exit code``.
@@ -11,17 +11,33 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from adapters.errors import AdapterError
-from adapters.format import clip_fingerprint, read_adapter_file, validate_for_backbone
+from adapters.errors import AdapterError, AdapterMismatch
+from adapters.format import read_adapter_file, validate_for_backbone
+from adapters.method import Method
 
-DEFAULT_MAX_BYTES = 64 << 20  # far above any MaPLe adapter (ViT-L/14, J=12: ~0.1 MB)
+# Far above any adapter: MaPLe ViT-L/14 J=12 ~0.1 MB, M2PT on a 7B LLaVA (10+10 prompts) ~21 MB.
+DEFAULT_MAX_BYTES = 64 << 20
 
 
 def _backbone_config(ident: str):  # -> CLIPConfig
     from transformers import CLIPConfig  # heavy import only when a command needs it
 
     return CLIPConfig.from_pretrained(ident)
+
+
+def _config_for(method: Method[Any], ident: str) -> Any:
+    """The backbone's config, refused unless it is the kind of model the method runs on."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ident)
+    if not isinstance(config, method.config_type):
+        raise AdapterMismatch(
+            f"a {method.name} adapter needs a {method.arch} backbone; {ident} is a {config.model_type} model",
+            field="arch", expected=method.arch, got=config.model_type,
+        )  # fmt: skip
+    return config
 
 
 def cmd_import_maple(args: argparse.Namespace) -> int:
@@ -44,19 +60,22 @@ def cmd_import_maple(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     adapter = read_adapter_file(args.file, max_bytes=args.max_bytes)
-    f = adapter.folded
     print(json.dumps(json.loads(adapter.manifest.to_json()), indent=2, sort_keys=True))
-    for name, t in (("text_prompts", f.text), ("vision_prompts", f.vision)):
+    for name, t in adapter.tensors().items():
         print(f"{name}: shape {list(t.shape)} stored {adapter.tensor_dtypes.get(name)}")
-    print(f"folded bytes (fp32): {f.nbytes}")
+    print(f"folded bytes (fp32): {adapter.folded.nbytes}")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     adapter = read_adapter_file(args.file, max_bytes=args.max_bytes)
-    validate_for_backbone(adapter, clip_fingerprint(_backbone_config(args.backbone)))
+    method = adapter.method
+    validate_for_backbone(adapter, method.fingerprint(_config_for(method, args.backbone)))
     print("ok")
     return 0
+
+
+_MAX_BYTES_HELP = f"refuse files larger than this (default: {DEFAULT_MAX_BYTES})"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,15 +92,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_guarded(cmd_import_maple))
 
-    p = subparsers.add_parser("inspect", help="print an adapter's manifest and tensor shapes")
+    p = subparsers.add_parser("inspect", help="print an adapter's manifest and tensor shapes (any method)")
     p.add_argument("file")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help=_MAX_BYTES_HELP)
     p.set_defaults(func=_guarded(cmd_inspect))
 
-    p = subparsers.add_parser("validate", help="check an adapter file against a backbone")
+    p = subparsers.add_parser("validate", help="check an adapter file against a backbone (any method)")
     p.add_argument("file")
-    p.add_argument("--backbone", required=True, help="CLIP hub id or local directory")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    p.add_argument(
+        "--backbone", required=True, help="hub id or local directory of the backbone it will run on"
+    )
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help=_MAX_BYTES_HELP)
     p.set_defaults(func=_guarded(cmd_validate))
 
     from adapters.cli_train import register_training  # train maple, upload

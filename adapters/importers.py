@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from transformers import CLIPConfig
 
+from adapters.container import tensor_from_bytes
 from adapters.errors import AdapterFormatError, AdapterMismatch, AdapterTooLarge, AdapterValueError
-from adapters.format import clip_fingerprint, dump_adapter, tensor_from_bytes
-from adapters.maple import MaplePromptLearner, fold, learner_state
+from adapters.format import dump
+from adapters.maple import MaplePromptLearner, clip_fingerprint, fold, learner_state
 
 MAX_CHECKPOINT_BYTES = 4 << 30  # a ViT-L/14 fp16 CustomCLIP with optimizer state fits
 MAX_PICKLE_BYTES = 16 << 20  # data.pkl holds structure and names only, tensors live beside it
@@ -92,6 +93,10 @@ class Inert:
 
     module = ""
     qualname = ""
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
+    items: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Inert:
         self = object.__new__(cls)
@@ -209,9 +214,9 @@ def _check_opcodes(data: bytes) -> None:
     try:
         for op, arg, pos in pickletools.genops(data):
             # The C unpickler also grows its memo table to a PUT's index at once.
-            if op.name in _MEMO_OPS and arg > len(data):
+            if op.name in _MEMO_OPS and isinstance(arg, int) and arg > len(data):
                 raise ValueError(f"memo index {arg} at position {pos} is implausible")
-            if op.name == "FRAME" and arg > len(data) - pos:
+            if op.name == "FRAME" and isinstance(arg, int) and arg > len(data) - (pos or 0):
                 raise ValueError(f"frame at position {pos} runs past the end")
     except Exception as e:  # ValueError for lengths past the end, unknown opcodes
         raise AdapterFormatError(f"checkpoint pickle is malformed: {e}") from None
@@ -328,7 +333,7 @@ def convert_maple_checkpoint(
     hp: dict[str, Any] = {"source": "maple-reference", "ctx_init": ctx_init, "template": f"{ctx_init} {{}}."}
     if imported.epoch is not None:
         hp["epoch"] = imported.epoch
-    return dump_adapter(
+    return dump(
         fold(imported.learner),
         name=name,
         backbone=clip_fingerprint(config),

@@ -47,6 +47,11 @@ Where the reference differs (deliberately not reproduced):
   tokens (``generate``'s rule), equal without padding, and padding-independent.
 - Its training script also tunes the LM head (``tune_lm_header``); the paper's
   ~0.09% does not count it, and a frozen-backbone adapter cannot carry it.
+
+``METHOD`` tells the adapter file format what an ``m2pt`` file holds: exactly
+``vision_prompts`` (vision_depth, n_vision, Dv), ``text_prompts`` (text_depth, n_text, Dt),
+``projector_weight`` (Dt, projector_in) and ``projector_bias`` (Dt,), made for a LLaVA
+backbone described by ``llava_fingerprint``.
 """
 
 from __future__ import annotations
@@ -59,9 +64,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import LlavaConfig
+from transformers import LlavaConfig, PretrainedConfig
 
 from adapters.errors import AdapterValueError
+from adapters.method import Fit, Method, check_positive_ints
 
 # The fields an m2pt adapter must agree on with a LLaVA backbone (adapters.format checks them).
 LLAVA_FINGERPRINT_FIELDS: dict[str, type] = {
@@ -92,6 +98,8 @@ def feature_layers(config: LlavaConfig) -> list[int]:
 def llava_fingerprint(config: LlavaConfig) -> dict[str, Any]:
     """What an m2pt adapter must agree on with a LLaVA backbone (not the weights themselves)."""
     v, t = config.vision_config, config.text_config
+    # transformers types the sub-configs loosely; a built LlavaConfig always has both
+    assert isinstance(v, PretrainedConfig) and isinstance(t, PretrainedConfig)
     layers = feature_layers(config)
     strategy = config.vision_feature_select_strategy
     patches = (v.image_size // v.patch_size) ** 2
@@ -386,3 +394,63 @@ def fold(learner: M2ptPromptLearner) -> FoldedM2pt:
         f = learner.as_folded()
         return FoldedM2pt(*(t.detach().to(torch.float32).contiguous().clone() for t in (
             f.vision, f.text, f.projector_weight, f.projector_bias)))  # fmt: skip
+
+
+# ---------------------------------------------------------------- the file format's view
+
+TENSORS = ("vision_prompts", "text_prompts", "projector_weight", "projector_bias")  # FoldedM2pt's order
+_COUNTS = (
+    ("n_vision", None),
+    ("vision_depth", "vision_layers"),
+    ("n_text", None),
+    ("text_depth", "text_layers"),
+)
+
+
+def _check_hyperparameters(hp: Mapping[str, Any], backbone: Mapping[str, Any]) -> None:
+    for key, layers in _COUNTS:
+        check_positive_ints(hp, (key,))
+        if layers is not None and hp[key] > backbone[layers]:
+            raise AdapterValueError(f"{key} {hp[key]} exceeds the backbone's {backbone[layers]} {layers}")
+
+
+def _expected_shapes(hp: Mapping[str, Any], backbone: Mapping[str, Any]) -> dict[str, list[int]]:
+    b = backbone
+    return {
+        "vision_prompts": [hp["vision_depth"], hp["n_vision"], b["vision_width"]],
+        "text_prompts": [hp["text_depth"], hp["n_text"], b["text_width"]],
+        "projector_weight": [b["projector_out"], b["projector_in"]],
+        "projector_bias": [b["projector_out"]],
+    }
+
+
+METHOD: Method[FoldedM2pt] = Method(
+    name="m2pt",
+    arch="llava",
+    config_type=LlavaConfig,
+    fingerprint=llava_fingerprint,
+    fingerprint_fields=LLAVA_FINGERPRINT_FIELDS,
+    folded_type=FoldedM2pt,
+    tensors=TENSORS,
+    shape=lambda f: {
+        "n_vision": f.n_vision,
+        "vision_depth": f.vision_depth,
+        "n_text": f.n_text,
+        "text_depth": f.text_depth,
+    },  # fmt: skip
+    check_hyperparameters=_check_hyperparameters,
+    expected_shapes=_expected_shapes,
+    to_tensors=lambda f: dict(
+        zip(TENSORS, (f.vision, f.text, f.projector_weight, f.projector_bias), strict=True)
+    ),
+    from_tensors=lambda t: FoldedM2pt(*(t[name] for name in TENSORS)),
+    fit=lambda f: Fit(
+        "tensors",
+        widths=(
+            ("vision_width", f.vision_width),
+            ("text_width", f.text_width),
+            ("projector_in", f.projector_in),
+        ),
+        depths=(("vision_layers", f.vision_depth), ("text_layers", f.text_depth)),
+    ),
+)

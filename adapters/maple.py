@@ -9,6 +9,10 @@ The coupling functions are fixed at inference, so an adapter is served folded: t
 tensors ``text`` (depth, n_ctx, Dt) and ``vision`` (depth, n_ctx, Dv), layer 0 being
 the shallow prompt. ``MaplePromptLearner.prompts`` is the one place that computes
 them, for training (differentiable) and for folding alike.
+
+``METHOD`` tells the adapter file format what a ``maple`` file holds: exactly
+``text_prompts`` (depth, n_ctx, Dt) and ``vision_prompts`` (depth, n_ctx, Dv), made for a
+CLIP backbone described by ``clip_fingerprint``.
 """
 
 from __future__ import annotations
@@ -17,16 +21,54 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPConfig
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 from adapters.errors import AdapterValueError
+from adapters.method import Fit, Method, check_positive_ints
 
 PREFIX = "prompt_learner."
 # Frozen per-class token embeddings the reference keeps as buffers; not learned.
 FROZEN_BUFFERS = ("token_prefix", "token_suffix")
+
+
+CLIP_FINGERPRINT_FIELDS: dict[str, type] = {
+    "arch": str,
+    "text_width": int,
+    "vision_width": int,
+    "text_layers": int,
+    "vision_layers": int,
+    "projection_dim": int,
+    "image_size": int,
+    "patch_size": int,
+    "vocab_size": int,
+}
+
+
+def clip_towers(config: CLIPConfig) -> tuple[CLIPTextConfig, CLIPVisionConfig]:
+    """The two tower configs (transformers types them loosely; a built CLIPConfig always has both)."""
+    t, v = config.text_config, config.vision_config
+    assert isinstance(t, CLIPTextConfig) and isinstance(v, CLIPVisionConfig)
+    return t, v
+
+
+def clip_fingerprint(config: CLIPConfig) -> dict[str, Any]:
+    """What an adapter must agree on with a CLIP backbone (not the weights themselves)."""
+    t, v = clip_towers(config)
+    return {
+        "arch": "clip",
+        "text_width": t.hidden_size,
+        "vision_width": v.hidden_size,
+        "text_layers": t.num_hidden_layers,
+        "vision_layers": v.num_hidden_layers,
+        "projection_dim": config.projection_dim,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "vocab_size": t.vocab_size,
+    }
 
 
 @dataclass(frozen=True)
@@ -45,10 +87,11 @@ class MapleConfig:
     @classmethod
     def for_clip(cls, config: CLIPConfig, *, n_ctx: int = 2, depth: int = 9) -> MapleConfig:
         """Widths from a CLIP config; depth must fit both towers."""
-        layers = min(config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers)
+        t, v = clip_towers(config)
+        layers = min(t.num_hidden_layers, v.num_hidden_layers)
         if depth > layers:
             raise AdapterValueError(f"MaPLe depth {depth} exceeds the backbone's {layers} layers")
-        return cls(n_ctx, depth, config.text_config.hidden_size, config.vision_config.hidden_size)
+        return cls(n_ctx, depth, t.hidden_size, v.hidden_size)
 
 
 class MaplePromptLearner(nn.Module):
@@ -203,3 +246,44 @@ def fold(learner: MaplePromptLearner) -> FoldedMaple:
         text.detach().to(torch.float32).contiguous().clone(),
         vision.detach().to(torch.float32).contiguous().clone(),
     )
+
+
+# ---------------------------------------------------------------- the file format's view
+
+
+def _check_hyperparameters(hp: Mapping[str, Any], backbone: Mapping[str, Any]) -> None:
+    check_positive_ints(hp, ("n_ctx", "depth"))
+    for tower in ("text", "vision"):
+        if hp["depth"] > backbone[f"{tower}_layers"]:
+            raise AdapterValueError(
+                f"prompt depth {hp['depth']} exceeds the {tower} tower's {backbone[f'{tower}_layers']} layers"
+            )
+
+
+def _expected_shapes(hp: Mapping[str, Any], backbone: Mapping[str, Any]) -> dict[str, list[int]]:
+    depth, n_ctx = hp["depth"], hp["n_ctx"]
+    return {
+        "text_prompts": [depth, n_ctx, backbone["text_width"]],
+        "vision_prompts": [depth, n_ctx, backbone["vision_width"]],
+    }
+
+
+METHOD: Method[FoldedMaple] = Method(
+    name="maple",
+    arch="clip",
+    config_type=CLIPConfig,
+    fingerprint=clip_fingerprint,
+    fingerprint_fields=CLIP_FINGERPRINT_FIELDS,
+    folded_type=FoldedMaple,
+    tensors=("text_prompts", "vision_prompts"),
+    shape=lambda f: {"n_ctx": f.n_ctx, "depth": f.depth},
+    check_hyperparameters=_check_hyperparameters,
+    expected_shapes=_expected_shapes,
+    to_tensors=lambda f: {"text_prompts": f.text, "vision_prompts": f.vision},
+    from_tensors=lambda t: FoldedMaple(t["text_prompts"], t["vision_prompts"]),
+    fit=lambda f: Fit(
+        "prompts",
+        widths=(("text_width", f.text_width), ("vision_width", f.vision_width)),
+        depths=(("text_layers", f.depth), ("vision_layers", f.depth)),
+    ),
+)

@@ -28,6 +28,7 @@ from collections import defaultdict
 
 import torch
 from transformers import DynamicCache, LlavaForConditionalGeneration
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
 from adapters.m2pt import FoldedM2pt, feature_layers
@@ -88,9 +89,8 @@ def image_embeds(
         by_shape[None if a is None else (a.vision_depth, a.n_vision)].append(row)
     parts: list[tuple[list[int], torch.Tensor]] = []
     for shape, rows in by_shape.items():
-        prompts = (
-            None if shape is None else torch.stack([adapters[r].vision for r in rows])
-        )  # (G, depth, n_v, Dv)
+        group = [a for r in rows if (a := adapters[r]) is not None]  # empty when shape is None
+        prompts = None if shape is None else torch.stack([a.vision for a in group])  # (G, depth, n_v, Dv)
         feats = vision_features(model, pixel_values[rows], prompts)  # (G, T, Din)
         if shape is None:
             parts.append((rows, model.model.multi_modal_projector(feats)))
@@ -99,7 +99,7 @@ def image_embeds(
         for pos, r in enumerate(rows):
             by_adapter[id(adapters[r])].append(pos)
         for positions in by_adapter.values():
-            a = adapters[rows[positions[0]]]
+            a = group[positions[0]]
             parts.append(
                 ([rows[p] for p in positions], a.project(feats[positions].to(a.projector_weight.dtype)))
             )
@@ -165,7 +165,11 @@ def prefix_kv(model: LlavaForConditionalGeneration, folded: FoldedM2pt) -> KV:
             past_key_values=cache,
             use_cache=True,
         )
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    kv: KV = []
+    for cached in cache.layers:  # a DynamicCache of a Llama config: DynamicLayers, filled above
+        assert isinstance(cached, DynamicLayer) and cached.keys is not None and cached.values is not None
+        kv.append((cached.keys, cached.values))
+    return kv
 
 
 def explicit_forward(

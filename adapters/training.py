@@ -39,8 +39,8 @@ from adapters.checkpoint import (
 )
 from adapters.data import PixelCache, Split, epoch_order, few_shot_split
 from adapters.errors import AdapterValueError
-from adapters.format import clip_fingerprint, dump_adapter
-from adapters.maple import MapleConfig, MaplePromptLearner, fold
+from adapters.format import dump
+from adapters.maple import MapleConfig, MaplePromptLearner, clip_fingerprint, fold
 from adapters.prompted_clip import encode_image, encode_text
 
 CHECKPOINT_NAME = "last.safetensors"
@@ -119,7 +119,8 @@ def load_backbone(ident: str, device: torch.device) -> tuple[CLIPModel, Any]:
     """The frozen CLIP in fp32 (autocast supplies the low precision) and its processor."""
     model = CLIPModel.from_pretrained(ident, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(ident)
-    return model.to(device), processor
+    # transformers wraps .to with functools.wraps, so type checkers lose its self
+    return torch.nn.Module.to(model, device), processor
 
 
 def freeze(model: CLIPModel) -> None:
@@ -434,7 +435,7 @@ class Trainer:
         labels = json.dumps(self.split.classes)
         if len(labels) <= MAX_LABELS_JSON:
             hp["labels"] = labels  # a JSON list as a string: manifest values are scalars
-        data = dump_adapter(
+        data = dump(
             fold(self.learner), name=c.adapter_name(), backbone=clip_fingerprint(self.model.config),
             description=c.description, hyperparameters=hp,
         )  # fmt: skip

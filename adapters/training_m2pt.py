@@ -27,7 +27,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from adapters.checkpoint import write_atomic
 from adapters.errors import AdapterValueError
-from adapters.format import dump_m2pt_adapter
+from adapters.format import dump
 from adapters.m2pt import M2ptConfig, M2ptPromptLearner, fold, llava_fingerprint
 from adapters.prompted_llava import explicit_forward
 from adapters.training import resolve_device
@@ -107,7 +107,8 @@ def load_llava(ident: str, device: torch.device) -> tuple[LlavaForConditionalGen
     model = LlavaForConditionalGeneration.from_pretrained(ident, dtype=torch.float32)
     model.requires_grad_(False)
     model.eval()
-    return model.to(device), AutoProcessor.from_pretrained(ident)
+    # transformers wraps .to with functools.wraps, so type checkers lose its self
+    return torch.nn.Module.to(model, device), AutoProcessor.from_pretrained(ident)
 
 
 @dataclass
@@ -255,7 +256,7 @@ class M2ptTrainer:
             "steps": c.steps, "lr": c.lr, "seed": c.seed, "batch_size": c.batch_size,
             "n_examples": len(self.encoded), "loss_start": round(loss_start, 6), "loss_end": round(loss_end, 6),
         }  # fmt: skip
-        data = dump_m2pt_adapter(
+        data = dump(
             fold(self.learner), name=c.adapter_name(), backbone=llava_fingerprint(self.model.config),
             description=c.description, hyperparameters=hp,
         )  # fmt: skip

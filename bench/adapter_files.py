@@ -9,8 +9,8 @@ import httpx
 import torch
 from transformers import CLIPConfig
 
-from adapters.format import clip_fingerprint, dump_adapter
-from adapters.maple import FoldedMaple
+from adapters.format import dump
+from adapters.maple import FoldedMaple, clip_fingerprint
 
 N_CTX, DEPTH = 2, 9  # MaPLe's published defaults
 
@@ -21,7 +21,7 @@ def adapter_bytes(model_dir: Path, name: str, seed: int) -> bytes:
     # Scaled like token embeddings, so prompted forwards see realistic magnitudes.
     text = 0.02 * torch.randn(DEPTH, N_CTX, config.text_config.hidden_size, generator=g)
     vision = 0.02 * torch.randn(DEPTH, N_CTX, config.vision_config.hidden_size, generator=g)
-    return dump_adapter(
+    return dump(
         FoldedMaple(text, vision),
         name=name,
         backbone=clip_fingerprint(config),

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import LlavaConfig
 
-from adapters.format import dump_m2pt_adapter
+from adapters.format import dump
 from adapters.m2pt import M2ptConfig, M2ptPromptLearner, fold, llava_fingerprint
 from tests.llava_fixtures import save_tiny_llava
 
@@ -43,7 +43,7 @@ def photo(seed: int) -> str:
 def adapter_file(model_dir: Path, name: str, seed: int) -> bytes:
     torch.manual_seed(seed)
     config = M2ptConfig.for_llava(LlavaConfig.from_pretrained(model_dir), n_vision=4, n_text=4)
-    return dump_m2pt_adapter(
+    return dump(
         fold(M2ptPromptLearner(config)),
         name=name,
         backbone=llava_fingerprint(LlavaConfig.from_pretrained(model_dir)),

@@ -239,7 +239,7 @@ def write(run: Run, path: Path, proposals: list[str]) -> None:
         "",
         "Load generator: `bench/loadgen.py` (httpx.AsyncClient, 127.0.0.1 only, pre-encoded "
         "multipart bodies, fixed request count, time-bounded). Adapters: `bench/adapter_files.py` "
-        "(`adapters.format.dump_adapter`), uploaded through `POST /v1/admin/adapters`.",
+        "(`adapters.format.dump`), uploaded through `POST /v1/admin/adapters`.",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from adapters.format import clip_fingerprint
 from adapters.m2pt import llava_fingerprint
+from adapters.maple import clip_fingerprint
 from adapters.prompted_llava import prefix_kv
 from service.backbones.clip import ClipBackbone
 from service.backbones.llava import LlavaBackbone

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import save as st_save
 from transformers import CLIPConfig
 
-from adapters.format import METADATA_KEY, clip_fingerprint, dump_adapter, tensors_sha256
-from adapters.maple import FoldedMaple
+from adapters.container import tensors_sha256
+from adapters.format import METADATA_KEY, dump
+from adapters.maple import FoldedMaple, clip_fingerprint
 
 
 def random_folded(config: CLIPConfig, seed: int, n_ctx: int = 2, depth: int = 3) -> FoldedMaple:
@@ -22,7 +23,7 @@ def random_folded(config: CLIPConfig, seed: int, n_ctx: int = 2, depth: int = 3)
 
 def adapter_bytes(clip_dir: Path, name: str, seed: int = 0, **kw) -> bytes:
     config = CLIPConfig.from_pretrained(clip_dir)
-    return dump_adapter(random_folded(config, seed, **kw), name=name, backbone=clip_fingerprint(config))
+    return dump(random_folded(config, seed, **kw), name=name, backbone=clip_fingerprint(config))
 
 
 def nan_adapter_bytes(clip_dir: Path, name: str) -> bytes:

@@ -15,7 +15,8 @@ from httpx import ASGITransport, AsyncClient
 
 from adapters import upload as upload_module
 from adapters.cli import main as adapters_main
-from adapters.format import clip_fingerprint, read_adapter_file, validate_for_backbone
+from adapters.format import read_adapter_file, validate_for_backbone
+from adapters.maple import clip_fingerprint
 from adapters.training import TrainConfig, Trainer, load_backbone
 from adapters.upload import upload_adapter
 from tests.adapters.test_training_data import digits_dir, render_digits  # noqa: F401  (fixture)

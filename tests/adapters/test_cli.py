@@ -10,10 +10,15 @@ import pytest
 import torch
 
 from adapters.cli import main
-from adapters.format import clip_fingerprint, dump_adapter, read_adapter_file
-from adapters.maple import MapleConfig, MaplePromptLearner, fold
+from adapters.container import MAX_HEADER_BYTES
+from adapters.format import dump, read_adapter_file
+from adapters.m2pt import M2ptConfig, M2ptPromptLearner, llava_fingerprint
+from adapters.m2pt import fold as fold_m2pt
+from adapters.maple import MapleConfig, MaplePromptLearner, clip_fingerprint, fold
 from tests.adapters.conftest import tiny_clip_config
 from tests.adapters.test_importers import WarmupScheduler, reference_state, save_dassl
+from tests.conftest import make_image
+from tests.llava_fixtures import tiny_llava_config, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +38,7 @@ def adapter_file(tmp_path: Path) -> Path:
     path = tmp_path / "digits.safetensors"
     folded = fold(MaplePromptLearner(MapleConfig(2, 3, 64, 96)))
     path.write_bytes(
-        dump_adapter(folded, name="digits", backbone=clip_fingerprint(tiny_clip_config()), description="hi")
+        dump(folded, name="digits", backbone=clip_fingerprint(tiny_clip_config()), description="hi")
     )
     return path
 
@@ -128,3 +133,55 @@ def test_runs_as_a_module(adapter_file: Path, clip_config_dir: Path) -> None:
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.fixture
+def m2pt_file(tmp_path: Path) -> tuple[Path, Path]:
+    """An m2pt adapter file and the tiny LLaVA config directory it was made for."""
+    config = tiny_llava_config(tiny_tokenizer(), vision_layers=3, text_layers=3)
+    llava_dir = tmp_path / "tiny-llava"
+    config.save_pretrained(llava_dir)
+    torch.manual_seed(0)
+    folded = fold_m2pt(M2ptPromptLearner(M2ptConfig.for_llava(config, n_vision=2, n_text=3)))
+    path = tmp_path / "answers.safetensors"
+    path.write_bytes(dump(folded, name="answers", backbone=llava_fingerprint(config)))
+    return path, llava_dir
+
+
+def test_inspect_m2pt(m2pt_file: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    path, _ = m2pt_file
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads(out.split("\nvision_prompts:")[0])
+    assert manifest["method"] == "m2pt" and manifest["backbone"]["arch"] == "llava"
+    adapter = read_adapter_file(path, max_bytes=1 << 22)
+    for name, t in adapter.tensors().items():
+        assert f"{name}: shape {list(t.shape)} stored F32" in out
+    assert len(adapter.tensors()) == 4
+    assert f"folded bytes (fp32): {adapter.folded.nbytes}" in out
+
+
+def test_validate_m2pt(
+    m2pt_file: tuple[Path, Path], clip_config_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path, llava_dir = m2pt_file
+    assert main(["validate", str(path), "--backbone", str(llava_dir)]) == 0
+    assert capsys.readouterr().out.strip() == "ok"
+    assert main(["validate", str(path), "--backbone", str(clip_config_dir)]) == 1
+    assert "a m2pt adapter needs a llava backbone" in capsys.readouterr().err
+    deeper = tmp_path / "deeper-llava"
+    tiny_llava_config(tiny_tokenizer(), vision_layers=4, text_layers=3).save_pretrained(deeper)
+    assert main(["validate", str(path), "--backbone", str(deeper)]) == 1
+    assert "vision_layers expected 4, got 3" in capsys.readouterr().err
+
+
+def test_a_jpeg_is_not_a_safetensors_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    photo = tmp_path / "photo.safetensors"
+    make_image(0, (64, 48)).save(photo, format="JPEG")
+    # The JPEG's first 8 bytes read as a header length far past the bound: say what it is instead.
+    assert int.from_bytes(photo.read_bytes()[:8], "little") > MAX_HEADER_BYTES
+    for cmd in (["inspect", str(photo)], ["validate", str(photo), "--backbone", "unused"]):
+        assert main(cmd) == 1
+        err = capsys.readouterr().err
+        assert "not a safetensors file (it looks like a JPEG image)" in err
+        assert not any(ch.isdigit() for ch in err), err

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
+from adapters.container import MAX_HEADER_BYTES, tensors_sha256
 from adapters.errors import (
     AdapterChecksumError,
     AdapterFormatError,
@@ -21,17 +22,14 @@ from adapters.errors import (
     AdapterValueError,
 )
 from adapters.format import (
-    MAX_HEADER_BYTES,
     check_name,
-    clip_fingerprint,
-    dump_adapter,
+    dump,
     encode_adapter,
     load_adapter,
     read_adapter_file,
-    tensors_sha256,
     validate_for_backbone,
 )
-from adapters.maple import FoldedMaple, MapleConfig, MaplePromptLearner, fold
+from adapters.maple import FoldedMaple, MapleConfig, MaplePromptLearner, clip_fingerprint, fold
 from tests.adapters.conftest import tiny_clip_config
 
 MAX = 1 << 20
@@ -44,7 +42,7 @@ def make_folded(depth: int = 3, n_ctx: int = 2, seed: int = 0) -> FoldedMaple:
 
 
 def valid_bytes(**kwargs: Any) -> bytes:
-    return dump_adapter(make_folded(), name="digits", backbone=FP, **kwargs)
+    return dump(make_folded(), name="digits", backbone=FP, **kwargs)
 
 
 def split(data: bytes) -> tuple[dict, bytes]:
@@ -79,7 +77,7 @@ def honest_file(text: torch.Tensor, vision: torch.Tensor, **manifest_changes: An
 
 def test_round_trip() -> None:
     folded = make_folded()
-    data = dump_adapter(folded, name="digits", backbone=FP, description="d", hyperparameters={"lr": 0.01})
+    data = dump(folded, name="digits", backbone=FP, description="d", hyperparameters={"lr": 0.01})
     adapter = load_adapter(data, max_bytes=MAX)
     assert torch.equal(adapter.folded.text, folded.text) and torch.equal(adapter.folded.vision, folded.vision)
     m = adapter.manifest
@@ -141,6 +139,20 @@ def test_rejects_pickle() -> None:
     data = pickle.dumps({"text_prompts": [1.0, 2.0]})
     with pytest.raises(AdapterFormatError, match="not a safetensors adapter"):
         load_adapter(data, max_bytes=MAX)
+
+
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(200), "a JPEG image"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(200), "a PNG image"),
+        (pickle.dumps({"text_prompts": [1.0, 2.0]}), "a pickle"),
+    ],
+)
+def test_other_files_are_named_before_any_length_is_read(data: bytes, kind: str) -> None:
+    with pytest.raises(AdapterFormatError, match=f"not a safetensors file \\(it looks like {kind}\\)") as e:
+        load_adapter(data, max_bytes=MAX)
+    assert "header length" not in str(e.value)
 
 
 def test_rejects_torch_save(tmp_path: Path) -> None:
@@ -258,7 +270,7 @@ def test_rejects_non_finite(bad: float) -> None:
     with pytest.raises(AdapterValueError, match="NaN or infinite"):
         load_adapter(honest_file(text, folded.vision), max_bytes=MAX)
     with pytest.raises(AdapterValueError, match="NaN or infinite"):
-        dump_adapter(FoldedMaple(text, folded.vision), name="x", backbone=FP)
+        dump(FoldedMaple(text, folded.vision), name="x", backbone=FP)
 
 
 def test_rejects_overflow_to_inf_in_f16() -> None:
@@ -328,7 +340,7 @@ def test_bad_names(name: Any) -> None:
         check_name(name)
     if isinstance(name, str):
         with pytest.raises(AdapterNameError):
-            dump_adapter(make_folded(), name=name, backbone=FP)
+            dump(make_folded(), name=name, backbone=FP)
 
 
 def test_bad_name_in_file() -> None:
@@ -379,7 +391,7 @@ def test_fingerprint_from_config() -> None:
 
 
 def test_validate_checks_depth_against_layers() -> None:
-    adapter = load_adapter(dump_adapter(make_folded(depth=4), name="deep", backbone=FP), max_bytes=MAX)
+    adapter = load_adapter(dump(make_folded(depth=4), name="deep", backbone=FP), max_bytes=MAX)
     validate_for_backbone(adapter, FP)
     # a (hypothetical) manifest that agrees with the backbone but prompts that are too deep
     shallow_backbone = FP | {"text_layers": 3}

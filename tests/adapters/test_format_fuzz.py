@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.errors import AdapterError
-from adapters.format import Adapter, clip_fingerprint, dump_adapter, load_adapter
-from adapters.maple import MapleConfig, MaplePromptLearner, fold
+from adapters.format import Adapter, dump, load_adapter
+from adapters.maple import MapleConfig, MaplePromptLearner, clip_fingerprint, fold
 from tests.adapters.conftest import tiny_clip_config
 
 torch.manual_seed(0)
-VALID = dump_adapter(
+VALID = dump(
     fold(MaplePromptLearner(MapleConfig(2, 2, 64, 96))),
     name="fuzz",
     backbone=clip_fingerprint(tiny_clip_config()),

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adapters.errors import AdapterError, AdapterFormatError, AdapterMismatch, AdapterValueError
-from adapters.format import clip_fingerprint, load_adapter
+from adapters.format import load_adapter
 from adapters.importers import (
     Inert,
     convert_maple_checkpoint,
@@ -22,7 +22,7 @@ from adapters.importers import (
     read_checkpoint_restricted,
     resolve_checkpoint,
 )
-from adapters.maple import MapleConfig, fold
+from adapters.maple import MapleConfig, clip_fingerprint, fold
 from tests.adapters.conftest import tiny_clip_config
 
 CONFIG = MapleConfig(n_ctx=2, depth=3, text_width=64, vision_width=96)

@@ -7,16 +7,9 @@ import torch
 from safetensors.torch import save as st_save
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from adapters.container import tensors_sha256
 from adapters.errors import AdapterMismatch, AdapterValueError
-from adapters.format import (
-    METADATA_KEY,
-    Manifest,
-    clip_fingerprint,
-    dump_m2pt_adapter,
-    load_adapter,
-    tensors_sha256,
-    validate_for_backbone,
-)
+from adapters.format import METADATA_KEY, Manifest, dump, load_adapter, validate_for_backbone
 from adapters.m2pt import (
     FoldedM2pt,
     M2ptConfig,
@@ -25,6 +18,7 @@ from adapters.m2pt import (
     learner_state_from_reference,
     llava_fingerprint,
 )
+from adapters.maple import clip_fingerprint
 from tests.adapters.conftest import tiny_clip_config
 from tests.llava_fixtures import tiny_llava_config, tiny_tokenizer
 
@@ -98,7 +92,7 @@ def test_state_dict_and_reference_names_round_trip() -> None:
 
 def test_format_round_trip() -> None:
     folded = fold(make_learner(3, text_depth=2))
-    data = dump_m2pt_adapter(folded, name="vqa", backbone=FP, version=2, description="tiny")
+    data = dump(folded, name="vqa", backbone=FP, version=2, description="tiny")
     adapter = load_adapter(data, max_bytes=MAX)
     assert adapter.manifest.method == "m2pt" and adapter.manifest.version == 2
     assert adapter.manifest.hyperparameters == {
@@ -114,7 +108,7 @@ def test_format_round_trip() -> None:
 
 
 def test_an_m2pt_file_is_refused_by_a_clip_backbone_and_another_llava() -> None:
-    adapter = load_adapter(dump_m2pt_adapter(fold(make_learner(4)), name="vqa", backbone=FP), max_bytes=MAX)
+    adapter = load_adapter(dump(fold(make_learner(4)), name="vqa", backbone=FP), max_bytes=MAX)
     with pytest.raises(AdapterMismatch) as e:
         validate_for_backbone(adapter, clip_fingerprint(tiny_clip_config()))
     assert e.value.field == "arch" and (e.value.expected, e.value.got) == ("clip", "llava")
@@ -127,10 +121,10 @@ def test_an_m2pt_file_is_refused_by_a_clip_backbone_and_another_llava() -> None:
 def test_manifest_for_the_wrong_arch_or_too_deep_is_refused() -> None:
     folded = fold(make_learner(5))
     with pytest.raises(AdapterMismatch, match="needs a llava backbone"):
-        dump_m2pt_adapter(folded, name="vqa", backbone=clip_fingerprint(tiny_clip_config()))
+        dump(folded, name="vqa", backbone=clip_fingerprint(tiny_clip_config()))
     shallow = {**FP, "text_layers": 2}
     with pytest.raises(AdapterValueError, match="text_depth 3 exceeds"):
-        dump_m2pt_adapter(folded, name="vqa", backbone=shallow)
+        dump(folded, name="vqa", backbone=shallow)
 
 
 def _file(tensors: dict[str, torch.Tensor], hyper: dict[str, int]) -> bytes:

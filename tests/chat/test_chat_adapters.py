@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-from adapters.format import dump_m2pt_adapter
+from adapters.format import dump
 from adapters.m2pt import M2ptConfig, M2ptPromptLearner, fold, llava_fingerprint
 from adapters.prompted_llava import explicit_forward
 from tests.conftest import encode, make_image, running_app
@@ -40,7 +40,7 @@ def m2pt_folded(llava_dir: Path, seed: int, n_text: int = 3):
 
 def m2pt_bytes(llava_dir: Path, name: str, seed: int, n_text: int = 3) -> bytes:
     backbone = llava_fingerprint(LlavaConfig.from_pretrained(llava_dir))
-    return dump_m2pt_adapter(m2pt_folded(llava_dir, seed, n_text), name=name, backbone=backbone)
+    return dump(m2pt_folded(llava_dir, seed, n_text), name=name, backbone=backbone)
 
 
 async def chat(client, image_seed: int, adapter: str | None = None, max_tokens: int = 10):

@@ -214,12 +214,12 @@ async def test_admin_routes_need_the_token(admin_settings, make_settings, tiny_c
 
 
 def other_backbone_adapter() -> bytes:
-    from adapters.format import clip_fingerprint, dump_adapter
-    from adapters.maple import FoldedMaple
+    from adapters.format import dump
+    from adapters.maple import FoldedMaple, clip_fingerprint
 
     config = tiny_clip_config(image_size=128)
     folded = FoldedMaple(torch.zeros(2, 2, 64), torch.zeros(2, 2, 96))
-    return dump_adapter(folded, name="other", backbone=clip_fingerprint(config))
+    return dump(folded, name="other", backbone=clip_fingerprint(config))
 
 
 @pytest.mark.parametrize(

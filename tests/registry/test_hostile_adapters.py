@@ -208,6 +208,16 @@ async def test_header_claiming_huge_tensors_is_refused_without_allocating(make_s
         assert tree(app.state.settings.adapter_dir) == set()
 
 
+async def test_a_jpeg_upload_is_refused_as_not_safetensors(make_settings):
+    jpeg = encode(make_image(0, (64, 48)), "JPEG")
+    async with running_app(make_settings(admin_token=TOKEN)) as (client, app):
+        response = await upload(client, jpeg)
+        error = assert_error(response, 400, "adapter_format")
+        assert "not a safetensors file (it looks like a JPEG image)" in error["message"]
+        assert not any(ch.isdigit() for ch in error["message"])  # no header "length" read from the JPEG
+        assert tree(app.state.settings.adapter_dir) == set()
+
+
 class Boom:
     """Unpickling this would create the marker file: it must never happen."""
 
