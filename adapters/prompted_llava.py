@@ -178,10 +178,14 @@ def explicit_forward(
     attention_mask: torch.Tensor,  # (B, L)
     pixel_values: torch.Tensor | None,  # (B, 3, H, W)
     folded: FoldedM2pt | None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,  # (B, L, D) instead of merging ids and pixels here
 ) -> torch.Tensor:
     """Reference path: prompts inserted literally before the input and replaced per layer. Logits (B, L, V)."""
     batch = input_ids.shape[0]
-    embeds = merge_image_tokens(model, input_ids, pixel_values, [folded] * batch)  # (B, L, D)
+    if inputs_embeds is None:
+        inputs_embeds = merge_image_tokens(model, input_ids, pixel_values, [folded] * batch)  # (B, L, D)
+    embeds = inputs_embeds
     lm = model.model.language_model
     n = prefix_length(folded)
     if folded is not None:

@@ -50,9 +50,10 @@ class GenRequest:
     cancelled: bool = False
     # model-thread state
     kv: KV | None = None
-    position: int = 0
+    position: int = 0  # where ``last_token`` goes: generate's cache_position for the next step
     last_token: int = -1
-    generated: list[int] = field(default_factory=list)
+    completion_tokens: int = 0  # every sampled token, the stop token included (as generate counts)
+    generated: list[int] = field(default_factory=list)  # the answer's tokens, without the stop token
     text: str = ""
     emitted: int = 0  # characters of text already handed out
     finish_reason: str | None = None
@@ -188,13 +189,14 @@ class GenerationEngine:
             )
             for row, request in enumerate(old):
                 request.kv = grown[row]
+                request.position += 1
                 out.append((request, self._advance(request, logits[row])))
         return out
 
     def _advance(self, request: GenRequest, logits: torch.Tensor) -> Delta:
         token = self._sample(request, logits)
         request.last_token = token
-        request.position += 1
+        request.completion_tokens += 1
         if token in self.backbone.eos_token_ids:
             request.finish_reason = "stop"
         else:
@@ -217,7 +219,7 @@ class GenerationEngine:
             # hold back a tail that could still become a stop string
             hold = max((len(s) - 1 for s in request.stop), default=0)
             end = max(request.emitted, len(request.text) - hold)
-        delta = Delta(request.text[request.emitted : end], len(request.generated), request.finish_reason)
+        delta = Delta(request.text[request.emitted : end], request.completion_tokens, request.finish_reason)
         request.emitted = end
         return delta
 

@@ -182,4 +182,4 @@ async def deltas(request: GenRequest) -> AsyncIterator[Delta]:
 
 
 def usage_of(request: GenRequest) -> Usage:
-    return Usage(request.prompt_tokens, len(request.generated))
+    return Usage(request.prompt_tokens, request.completion_tokens)
