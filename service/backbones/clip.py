@@ -7,13 +7,15 @@ which with no prompts computes exactly what transformers' CLIPModel computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from PIL import Image
 from transformers import CLIPModel
 
 from adapters.prompted_clip import encode_image, encode_text
+from service.backbones.clip_pixels import ExactClipPixels
 from service.backbones.loading import BackboneLoadError, load_frozen
 
 
@@ -21,20 +23,27 @@ from service.backbones.loading import BackboneLoadError, load_frozen
 class ClipBackbone:
     model_id: str
     model: CLIPModel
-    processor: object  # CLIPProcessor: tokenizer + image processor
+    processor: Any  # CLIPProcessor (tokenizer + image processor); transformers types it loosely
     device: torch.device
     dtype: torch.dtype
+    # The processor's recipe written directly, when the checkpoint's is the standard one.
+    exact_pixels: ExactClipPixels | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.exact_pixels is None:
+            self.exact_pixels = ExactClipPixels.for_processor(self.processor.image_processor)
 
     @classmethod
     def load(cls, source: str, device: str = "auto", dtype: str = "auto") -> ClipBackbone:
         model, processor, dev, torch_dtype = load_frozen(source, "clip", CLIPModel, device, dtype)
         if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
             raise BackboneLoadError(f"{source!r} has no CLIP processor (tokenizer + image processor)")
-        return cls(source, model, processor, dev, torch_dtype)
+        return cls(source, cast(CLIPModel, model), processor, dev, torch_dtype)
 
     @property
     def max_text_tokens(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
+        text_config: Any = self.model.config.text_config
+        return int(text_config.max_position_embeddings)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -42,6 +51,8 @@ class ClipBackbone:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """(3, H, W) float32 pixels on the CPU, exactly as the checkpoint's processor makes them."""
+        if self.exact_pixels is not None and self.exact_pixels.accepts(image):
+            return self.exact_pixels(image)
         return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def token_lengths(self, prompts: list[str]) -> list[int]:
