@@ -16,8 +16,8 @@ from pathlib import Path
 from service.backbones.clip import ClipBackbone
 from service.metrics import Metrics
 from service.registry.adapter_registry import AdapterRegistry
+from service.registry.placement import maple_placement
 from service.registry.store import AdapterStore
-from service.runtime import maple_placement
 
 from .adapter_files import adapter_bytes
 

@@ -33,7 +33,7 @@ CATEGORIES = (  # first match wins, checked on the whole stack
     ("model: text encoder", ("encode_text", "text_features")),
     ("JPEG decode", ("decode_image",)),
     ("HF image processor", ("preprocess (service/backbones",)),
-    ("multipart parsing", ("multipart", "_parse_classify", "form (")),
+    ("multipart parsing", ("multipart", "parse_classify", "form (")),
     ("batch handler (rest)", ("classify.py",)),
 )
 

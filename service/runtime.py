@@ -1,4 +1,5 @@
-"""Everything the app holds while it runs: models, queues, caches, thread pools.
+"""Everything the app holds while it runs: the threads, the text cache, and once the
+models are loaded, one service per capability (``Services``).
 
 Built by the lifespan, one per app (tests build many). Models load off the event
 loop in the model thread, so /healthz answers and /readyz says 503 while they load.
@@ -10,21 +11,21 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
-from adapters.m2pt import llava_fingerprint
-from adapters.maple import clip_fingerprint
-from adapters.prompted_llava import prefix_kv
 from service.backbones.clip import ClipBackbone
 from service.backbones.llava import LlavaBackbone
 from service.chat.engine import GenerationEngine
+from service.chat.service import ChatService
 from service.classify.handler import ClassifyHandler, ClassifyItem, ClassifyResult
+from service.classify.service import ClassifyService
 from service.classify.text_cache import TextCache
-from service.errors import NotFound
-from service.http.admission import ArrivalGate
+from service.http.admission import ArrivalGate, Lane
 from service.metrics import Metrics
-from service.registry.adapter_registry import AdapterRegistry, LoadedAdapter, Placement
+from service.registry.adapter_registry import AdapterRegistry
+from service.registry.placement import Placement, m2pt_placement, maple_placement
 from service.registry.store import AdapterStore
 from service.scheduling.batcher import BatchQueue, BatchStats
 from service.settings import Settings
@@ -32,25 +33,13 @@ from service.settings import Settings
 log = logging.getLogger("promptswap")
 
 
-def maple_placement(clip: ClipBackbone) -> Placement:
-    def place(folded):
-        on_device = folded.to(clip.device, clip.dtype)
-        return on_device, on_device.nbytes, {}
+@dataclass(frozen=True)
+class Services:
+    """What the loaded models serve: a capability is None when its backbone is not run."""
 
-    return Placement(clip_fingerprint(clip.model.config), place)
-
-
-def m2pt_placement(llava: LlavaBackbone) -> Placement:
-    """M2PT adapters: tensors on the device plus their KV prefix, computed once per load."""
-
-    def place(folded):
-        on_device = folded.to(llava.device, llava.dtype)
-        with torch.inference_mode():
-            prefix = prefix_kv(llava.model, on_device)
-        nbytes = on_device.nbytes + sum(t.nbytes for kv in prefix for t in kv)
-        return on_device, nbytes, {"prefix": prefix}
-
-    return Placement(llava_fingerprint(llava.model.config), place)
+    registry: AdapterRegistry
+    classify: ClassifyService | None
+    chat: ChatService | None
 
 
 class Runtime:
@@ -60,34 +49,29 @@ class Runtime:
         # One model thread: the device is one resource and batches must not interleave.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="promptswap-model")
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="promptswap-decode")
-        self.clip: ClipBackbone | None = None
-        self.classify_handler: ClassifyHandler | None = None
-        self.classify_queue: BatchQueue[ClassifyItem, ClassifyResult] | None = None
-        self.classify_gate: ArrivalGate | None = None
-        self.registry: AdapterRegistry | None = None
-        self.llava: LlavaBackbone | None = None
-        self.chat_engine: GenerationEngine | None = None
-        self.chat_gate: ArrivalGate | None = None
         self.text_cache = TextCache(
             settings.text_cache_entries,
             on_hit=metrics.text_cache_hits.inc,
             on_miss=metrics.text_cache_misses.inc,
         )
         metrics.text_cache_entries.set_function(lambda: len(self.text_cache))
+        self.services: Services | None = None  # set once every model is loaded
         self.load_error: str | None = None
-        self._ready = asyncio.Event()
+        self._classify_queue: BatchQueue[ClassifyItem, ClassifyResult] | None = None
+        self._chat_engine: GenerationEngine | None = None
         self._settled = asyncio.Event()  # loading finished, well or not
         self._load_task: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self.services is not None
 
-    async def wait_ready(self) -> None:
-        """Wait until loading ends; raise if it failed."""
+    async def wait_ready(self) -> Services:
+        """Wait until loading ends; the services, or raise if it failed."""
         await self._settled.wait()
-        if not self.ready:
+        if self.services is None:
             raise RuntimeError(f"models failed to load: {self.load_error}")
+        return self.services
 
     def start(self, on_fatal: Callable[[str], None] | None = None) -> None:
         """Load models in the background; ``on_fatal`` is told if that fails."""
@@ -97,89 +81,92 @@ class Runtime:
 
     async def _load(self, on_fatal: Callable[[str], None] | None) -> None:
         try:
-            await self._load_models()
+            self.services = await self._load_models()
         except Exception as exc:
             self.load_error = str(exc)
             log.error("start-up failed: %s", exc)
             if on_fatal is not None:
                 on_fatal(self.load_error)
         else:
-            self._ready.set()
             log.info("ready")
         finally:
             self._settled.set()
 
-    async def _load_models(self) -> None:
+    async def _load_models(self) -> Services:
         loop = asyncio.get_running_loop()
         s = self.settings
-        placements: dict[str, Placement] = {}
+        clip = llava = None
         if s.clip_model:
-            self.clip = await loop.run_in_executor(
+            clip = await loop.run_in_executor(
                 self.model_executor, ClipBackbone.load, s.clip_model, s.device, s.dtype
             )
-            self.classify_handler = ClassifyHandler(self.clip, self.text_cache)
-            self.classify_queue = queue = self._queue("classify", self.classify_handler)
-            self.classify_gate = ArrivalGate(s.max_queue, lambda: queue.depth)
-            placements["maple"] = maple_placement(self.clip)
         if s.llava_model:
-            self.llava = await loop.run_in_executor(
+            llava = await loop.run_in_executor(
                 self.model_executor, LlavaBackbone.load, s.llava_model, s.device, s.dtype
             )
-            self.chat_engine = engine = GenerationEngine(
-                self.llava,
-                executor=self.model_executor,
-                max_batch_size=s.chat_max_batch_size,
-                max_queue=s.chat_max_queue,
-                on_step=self.metrics.batch_size.labels("chat").observe,
-            )
-            self.metrics.queue_depth.labels("chat").set_function(lambda: self.chat_engine.depth)
-            self.chat_engine.start()
-            self.chat_gate = ArrivalGate(s.chat_max_queue, lambda: engine.depth)
-            placements["m2pt"] = m2pt_placement(self.llava)
-        self.registry = AdapterRegistry(
+        placements: dict[str, Placement] = {}
+        if clip is not None:
+            placements["maple"] = maple_placement(clip)
+        if llava is not None:
+            placements["m2pt"] = m2pt_placement(llava)
+        registry = AdapterRegistry(
             AdapterStore(s.adapter_dir),
             placements=placements,
             cache_bytes=s.adapter_cache_bytes,
             max_adapter_bytes=s.max_adapter_bytes,
             io_executor=self.decode_pool,
             metrics=self.metrics,
+            retry_after_s=s.retry_after_adapter_memory_s,
             on_forget=self._forget_text,
         )
+        classify = self._classify(clip, registry) if clip is not None else None
+        chat = self._chat(llava, registry) if llava is not None else None
+        return Services(registry, classify, chat)
 
-    def _queue(self, name: str, handler) -> BatchQueue:
+    def _lane(self, name: str, gate: ArrivalGate, busy_retry_after_s: int) -> Lane:
+        return Lane(name, gate, self.metrics, busy_retry_after_s, self.settings.retry_after_unavailable_s)
+
+    def _classify(self, clip: ClipBackbone, registry: AdapterRegistry) -> ClassifyService:
         s, m = self.settings, self.metrics
+        handler = ClassifyHandler(clip, self.text_cache)
 
         def observe(stats: BatchStats) -> None:
-            m.batch_size.labels(name).observe(stats.size)
-            m.inference.labels(name).observe(stats.run_s)
+            m.batch_size.labels("classify").observe(stats.size)
+            m.inference.labels("classify").observe(stats.run_s)
             for wait in stats.queue_wait_s:
-                m.queue_wait.labels(name).observe(wait)
+                m.queue_wait.labels("classify").observe(wait)
 
-        queue: BatchQueue = BatchQueue(
+        queue: BatchQueue[ClassifyItem, ClassifyResult] = BatchQueue(
             handler,
             executor=self.model_executor,
             max_batch_size=s.max_batch_size,
             max_wait_s=s.max_wait_ms / 1000,
             max_queue=s.max_queue,
             on_batch=observe,
-            name=name,
+            name="classify",
         )
-        m.queue_depth.labels(name).set_function(lambda: queue.depth)
+        m.queue_depth.labels("classify").set_function(lambda: queue.depth)
         queue.start()
-        return queue
+        self._classify_queue = queue
+        lane = self._lane("classify", ArrivalGate(s.max_queue, lambda: queue.depth), s.retry_after_busy_s)
+        return ClassifyService(clip, handler, queue, lane, registry, s, self.decode_pool)
 
-    async def acquire_adapter(self, ref: str | None, method: str) -> LoadedAdapter | None:
-        """The loaded adapter a request names (``name`` or ``name@version``), pinned
-        until ``release_adapter``; None when the request names none."""
-        if ref is None:
-            return None
-        if self.registry is None:
-            raise NotFound(f"adapter {ref!r} not found")
-        return await self.registry.acquire(ref, method)
-
-    def release_adapter(self, adapter: LoadedAdapter | None) -> None:
-        if adapter is not None and self.registry is not None:
-            self.registry.release(adapter)
+    def _chat(self, llava: LlavaBackbone, registry: AdapterRegistry) -> ChatService:
+        s, m = self.settings, self.metrics
+        engine = GenerationEngine(
+            llava,
+            executor=self.model_executor,
+            max_batch_size=s.chat_max_batch_size,
+            max_queue=s.chat_max_queue,
+            on_step=m.batch_size.labels("chat").observe,
+        )
+        m.queue_depth.labels("chat").set_function(lambda: engine.depth)
+        engine.start()
+        self._chat_engine = engine
+        lane = self._lane(
+            "chat", ArrivalGate(s.chat_max_queue, lambda: engine.depth), s.chat_retry_after_busy_s
+        )
+        return ChatService(llava, engine, lane, registry, s, self.decode_pool)
 
     def _forget_text(self, adapter_key: str) -> None:
         # The text cache belongs to the model thread: drop entries there, in order.
@@ -189,9 +176,9 @@ class Runtime:
         """Refuse new work, answer what was admitted, then release the threads."""
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
-        if self.classify_queue is not None:
-            await self.classify_queue.stop(drain=True)
-        if self.chat_engine is not None:
-            await self.chat_engine.stop(drain=True)
+        if self._classify_queue is not None:
+            await self._classify_queue.stop(drain=True)
+        if self._chat_engine is not None:
+            await self._chat_engine.stop(drain=True)
         self.model_executor.shutdown(wait=True, cancel_futures=True)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -113,6 +113,34 @@ class Settings(BaseSettings):
         "replica answered, behind a load balancer). Unset: hostname-pid.",
     )
 
+    # Chat request bounds
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens of a chat request that names none (capped by max_new_tokens)."
+    )
+    max_stops: int = Field(4, ge=0, le=64, description="Most stop strings per chat request (422).")
+    max_stop_chars: int = Field(64, ge=1, le=4096, description="Longest stop string in characters (422).")
+
+    # Retry-After: what a refused client is told to wait, in seconds
+    retry_after_busy_s: int = Field(1, ge=1, description="Retry-After of a classify 429 (queue full).")
+    chat_retry_after_busy_s: int = Field(
+        2, ge=1, description="Retry-After of a chat 429 (queue full; chat requests last longer)."
+    )
+    retry_after_unavailable_s: int = Field(
+        5, ge=1, description="Retry-After of a 503 while models load or the service shuts down."
+    )
+    retry_after_adapter_memory_s: int = Field(
+        2,
+        ge=1,
+        description="Retry-After of a 503 when the device has no memory left for an adapter and "
+        "every loaded one is in use.",
+    )
+    retry_after_not_served_s: int = Field(
+        3600,
+        ge=1,
+        description="Retry-After of a 503 for a capability this replica does not run (no CLIP or "
+        "no LLaVA backbone): other replicas may.",
+    )
+
     @field_validator("api_keys_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:

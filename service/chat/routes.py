@@ -11,26 +11,20 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.chat import request as chat
 from service.chat.engine import GenRequest
-from service.errors import (
-    ApiError,
-    BadRequest,
-    NotFound,
-    Unprocessable,
-    UnsupportedMediaType,
-    error_body,
-)
-from service.http.deps import ReadyRuntimeDep, admitted
+from service.chat.service import ChatService
+from service.errors import ApiError, BadRequest, UnsupportedMediaType, error_body
+from service.http.bodies import validated, validated_json
+from service.http.deps import ChatDep
 from service.http.disconnect import ClientGone, unless_disconnected
 from service.http.images import decode_base64_image
 from service.http.schemas import ErrorBody, inline_schema
 from service.registry.adapter_registry import LoadedAdapter
-from service.runtime import Runtime
 from service.settings import Settings
 
 router = APIRouter(tags=["chat"])
@@ -110,24 +104,6 @@ async def parse_chat_body(request: Request, runtime_settings: Settings) -> chat.
     return call
 
 
-def validated(model: type[BaseModel], data: Any) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise Unprocessable(f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}") from None
-
-
-def validated_json(model: type[BaseModel], raw: bytes) -> Any:
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":
-            raise BadRequest(f"the body is not valid JSON: {first['msg']}") from None
-        raise Unprocessable(f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}") from None
-
-
 @router.post(
     "/v1/chat",
     response_model=ChatResponse,
@@ -158,12 +134,12 @@ def validated_json(model: type[BaseModel], raw: bytes) -> Any:
         }
     },
 )
-async def chat_route(request: Request, runtime: ReadyRuntimeDep) -> Any:
+async def chat_route(request: Request, service: ChatDep) -> Any:
     """Answer an instruction about one image, with an optional M2PT adapter."""
-    with admitted(chat.require_llava(runtime), runtime, "chat", retry_after_s=2) as place:
-        call = await parse_chat_body(request, runtime.settings)
-        generation, adapter = await chat.start(runtime, call, place)
-    model = runtime.llava.model_id  # type: ignore[union-attr]
+    with service.lane.admit() as place:  # before the body is read
+        call = await parse_chat_body(request, service.settings)
+        generation, adapter = await service.start(call, place)
+    model = service.model_id
     rid = f"chat-{uuid.uuid4().hex[:24]}"
     key = adapter.key if adapter else None
 
@@ -180,8 +156,8 @@ async def chat_route(request: Request, runtime: ReadyRuntimeDep) -> Any:
         return payload
 
     if call.stream:
-        return sse(runtime, generation, adapter, lambda d: [event(d.text, d.finish_reason)])
-    collected = await collect(request, runtime, generation, adapter)
+        return sse(service, generation, adapter, lambda d: [event(d.text, d.finish_reason)])
+    collected = await collect(request, service, generation, adapter)
     if collected is None:
         return Response(status_code=499)  # the client left; nobody reads this
     text, finish = collected
@@ -196,14 +172,14 @@ async def chat_route(request: Request, runtime: ReadyRuntimeDep) -> Any:
 
 
 async def collect(
-    request: Request, runtime: Runtime, generation: GenRequest, adapter: LoadedAdapter | None
+    request: Request, service: ChatService, generation: GenRequest, adapter: LoadedAdapter | None
 ) -> tuple[str, str] | None:
     """The whole answer, or None when the client left (its generation is stopped)."""
 
     async def run() -> tuple[str, str]:
         parts: list[str] = []
         finish = "stop"
-        async for delta in chat.deltas(generation):
+        async for delta in service.deltas(generation):
             parts.append(delta.text)
             finish = delta.finish_reason or finish
         return "".join(parts), finish
@@ -212,21 +188,21 @@ async def collect(
         return await unless_disconnected(request, run())
     except ClientGone:
         generation.cancelled = True
-        runtime.metrics.rejected.labels("chat", "client_gone").inc()
+        service.lane.client_gone()
         return None
     finally:
-        runtime.release_adapter(adapter)
+        service.release(adapter)
 
 
 def sse(
-    runtime: Runtime,
+    service: ChatService,
     generation: GenRequest,
     adapter: LoadedAdapter | None,
     render: Callable[[Any], list[dict[str, Any]]],
 ) -> StreamingResponse:
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for delta in chat.deltas(generation):
+            async for delta in service.deltas(generation):
                 for payload in render(delta):
                     yield f"data: {json.dumps(payload)}\n\n".encode()
             yield b"data: [DONE]\n\n"
@@ -234,7 +210,7 @@ def sse(
             yield f"data: {json.dumps(error_body(exc.code, exc.message))}\n\n".encode()
         finally:
             generation.cancelled = True  # the client left or the stream ended
-            runtime.release_adapter(adapter)
+            service.release(adapter)
 
     return StreamingResponse(
         events(),
@@ -286,15 +262,6 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
 
 
-def resolve_model(runtime: Runtime, name: str) -> str | None:
-    """``model`` names the backbone (no adapter) or an adapter; returns the adapter ref."""
-    if runtime.llava is not None and name == runtime.llava.model_id:
-        return None
-    if not name:
-        raise NotFound("model: name the backbone or an adapter (see GET /v1/models)")
-    return name
-
-
 @router.post(
     "/v1/chat/completions",
     responses=ERRORS,
@@ -305,24 +272,24 @@ def resolve_model(runtime: Runtime, name: str) -> str | None:
         }
     },
 )
-async def chat_completions(request: Request, runtime: ReadyRuntimeDep) -> Any:
+async def chat_completions(request: Request, service: ChatDep) -> Any:
     """OpenAI's chat completions: messages with text and data: URL image parts."""
     if not request.headers.get("content-type", "").lower().startswith("application/json"):
         raise UnsupportedMediaType("send application/json")
-    with admitted(chat.require_llava(runtime), runtime, "chat", retry_after_s=2) as place:
-        body: CompletionRequest = validated_json(CompletionRequest, await request.body())
-        conversation, image = chat.openai_conversation(body.messages, runtime.settings.max_body_bytes)
+    with service.lane.admit() as place:  # before the body is read
+        body = validated_json(CompletionRequest, await request.body())
+        conversation, image = chat.openai_conversation(body.messages, service.settings.max_body_bytes)
         call = chat.ChatCall(
             conversation=conversation,
             image=image,
-            adapter=resolve_model(runtime, body.model),
+            adapter=service.adapter_of_model(body.model),
             max_tokens=body.max_completion_tokens or body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
             stop=stops(body.stop),
         )
-        generation, adapter = await chat.start(runtime, call, place)
+        generation, adapter = await service.start(call, place)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     model = body.model
@@ -359,9 +326,9 @@ async def chat_completions(request: Request, runtime: ReadyRuntimeDep) -> Any:
                 )
             return out
 
-        return sse(runtime, generation, adapter, chunks)
+        return sse(service, generation, adapter, chunks)
 
-    collected = await collect(request, runtime, generation, adapter)
+    collected = await collect(request, service, generation, adapter)
     if collected is None:
         return Response(status_code=499)
     text, finish = collected

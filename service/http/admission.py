@@ -11,8 +11,14 @@ queued (from then on the queue's own bound counts it) or when it fails.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Self
+
+from service.errors import DeadlineExceeded, Overloaded, Unavailable
+from service.metrics import Metrics
+from service.scheduling.batcher import Closed, Expired, QueueFull
 
 
 class NoPlace(Exception):
@@ -49,3 +55,40 @@ class ArrivalGate:
             raise NoPlace(f"{queued} requests queued and {self.arriving} arriving")
         self.arriving += 1
         return Place(self)
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One capability's way to its queue: the arrival gate, the queue's name in the metrics,
+    and the one place where the scheduler's refusals become HTTP errors."""
+
+    name: str  # "classify", "chat": the ``queue`` label of the metrics
+    gate: ArrivalGate
+    metrics: Metrics
+    busy_retry_after_s: int  # 429: the queue is full
+    closed_retry_after_s: int  # 503: shutting down (another replica or the restart answers)
+
+    def admit(self) -> Place:
+        """A place for this request, else 429 before its body is read."""
+        try:
+            return self.gate.enter()
+        except NoPlace as exc:
+            self.metrics.rejected.labels(self.name, "queue_full").inc()
+            raise Overloaded(f"server busy: {exc}", retry_after_s=self.busy_retry_after_s) from None
+
+    @contextmanager
+    def refusals(self) -> Iterator[None]:
+        """Scheduler errors raised inside become the client's 429, 504 or 503."""
+        try:
+            yield
+        except QueueFull as exc:
+            self.metrics.rejected.labels(self.name, "queue_full").inc()
+            raise Overloaded(f"server busy: {exc}", retry_after_s=self.busy_retry_after_s) from None
+        except Expired as exc:
+            self.metrics.rejected.labels(self.name, "deadline").inc()
+            raise DeadlineExceeded(str(exc)) from None
+        except Closed:
+            raise Unavailable("shutting down", retry_after_s=self.closed_retry_after_s) from None
+
+    def client_gone(self) -> None:
+        self.metrics.rejected.labels(self.name, "client_gone").inc()

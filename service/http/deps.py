@@ -1,4 +1,5 @@
-"""Dependencies shared by the routers."""
+"""Dependencies shared by the routers: the runtime, and each capability's service once the
+models are loaded (503 while they load, or for a capability this replica does not run)."""
 
 from __future__ import annotations
 
@@ -6,33 +7,59 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import Overloaded, Unavailable
-from service.http.admission import ArrivalGate, NoPlace, Place
-from service.runtime import Runtime
+from service.chat.service import ChatService
+from service.classify.service import ClassifyService
+from service.errors import Unavailable
+from service.registry.adapter_registry import AdapterRegistry
+from service.runtime import Runtime, Services
 
 
 def get_runtime(request: Request) -> Runtime:
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
-        raise Unavailable("the service is starting")
-    return runtime
-
-
-def get_ready_runtime(request: Request) -> Runtime:
-    runtime = get_runtime(request)
-    if not runtime.ready:
-        raise Unavailable(runtime.load_error or "models are loading", retry_after_s=5)
+        raise Unavailable(
+            "the service is starting", retry_after_s=request.app.state.settings.retry_after_unavailable_s
+        )
     return runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-ReadyRuntimeDep = Annotated[Runtime, Depends(get_ready_runtime)]
 
 
-def admitted(gate: ArrivalGate, runtime: Runtime, queue: str, retry_after_s: int = 1) -> Place:
-    """A place at ``gate`` for this request, else 429 before its body is read."""
-    try:
-        return gate.enter()
-    except NoPlace as exc:
-        runtime.metrics.rejected.labels(queue, "queue_full").inc()
-        raise Overloaded(f"server busy: {exc}", retry_after_s=retry_after_s) from None
+def get_services(runtime: RuntimeDep) -> Services:
+    services = runtime.services
+    if services is None:
+        raise Unavailable(
+            runtime.load_error or "models are loading",
+            retry_after_s=runtime.settings.retry_after_unavailable_s,
+        )
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_classify(services: ServicesDep, runtime: RuntimeDep) -> ClassifyService:
+    if services.classify is None:
+        raise Unavailable(
+            "this service runs no CLIP backbone", retry_after_s=runtime.settings.retry_after_not_served_s
+        )
+    return services.classify
+
+
+def get_chat(services: ServicesDep, runtime: RuntimeDep) -> ChatService:
+    if services.chat is None:
+        raise Unavailable(
+            "this service runs no LLaVA backbone (start it with --llava-model)",
+            retry_after_s=runtime.settings.retry_after_not_served_s,
+        )
+    return services.chat
+
+
+def get_registry(services: ServicesDep) -> AdapterRegistry:
+    return services.registry
+
+
+ClassifyDep = Annotated[ClassifyService, Depends(get_classify)]
+ChatDep = Annotated[ChatService, Depends(get_chat)]
+RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import error_body
-from service.http.deps import ReadyRuntimeDep, RuntimeDep
+from service.http.deps import RuntimeDep, ServicesDep
 from service.http.schemas import ModelCard, ModelList
 
 router = APIRouter(tags=["operations"])
@@ -27,7 +27,8 @@ async def readyz(runtime: RuntimeDep) -> Response:
     if runtime.ready:
         return JSONResponse({"status": "ready"})
     message = runtime.load_error or "models are loading"
-    return JSONResponse(error_body("not_ready", message), 503, headers={"Retry-After": "5"})
+    retry_after = str(runtime.settings.retry_after_unavailable_s)
+    return JSONResponse(error_body("not_ready", message), 503, headers={"Retry-After": retry_after})
 
 
 @router.get("/metrics", response_class=Response)
@@ -38,21 +39,20 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def models(runtime: ReadyRuntimeDep) -> ModelList:
+async def models(services: ServicesDep, runtime: RuntimeDep) -> ModelList:
     """What a request can name: the backbones, and each adapter as name and name@version."""
     cards = []
-    if runtime.clip is not None:
-        cards.append(ModelCard(id=runtime.clip.model_id, kind="clip", task="classify"))
-    if runtime.llava is not None:
-        cards.append(ModelCard(id=runtime.llava.model_id, kind="llava", task="chat"))
-    if runtime.registry is not None:
-        registry = runtime.registry
-        loop = asyncio.get_running_loop()
-        for described in await loop.run_in_executor(runtime.decode_pool, registry.describe_all):
-            if described.get("method") not in registry.placements:
-                continue  # stored for a backbone this service does not run
-            task = "chat" if described["method"] == "m2pt" else "classify"
-            for version in described["versions"]:
-                cards.append(ModelCard(id=version["key"], kind="adapter", task=task))
-            cards.append(ModelCard(id=described["name"], kind="adapter", task=task))
+    if services.classify is not None:
+        cards.append(ModelCard(id=services.classify.model_id, kind="clip", task="classify"))
+    if services.chat is not None:
+        cards.append(ModelCard(id=services.chat.model_id, kind="llava", task="chat"))
+    registry = services.registry
+    loop = asyncio.get_running_loop()
+    for described in await loop.run_in_executor(runtime.decode_pool, registry.describe_all):
+        if described.get("method") not in registry.placements:
+            continue  # stored for a backbone this service does not run
+        task = "chat" if described["method"] == "m2pt" else "classify"
+        for version in described["versions"]:
+            cards.append(ModelCard(id=version["key"], kind="adapter", task=task))
+        cards.append(ModelCard(id=described["name"], kind="adapter", task=task))
     return ModelList(data=cards)

@@ -34,6 +34,7 @@ from adapters.format import (
 )
 from service.errors import ApiError, Conflict, NotFound, Unavailable, Unprocessable
 from service.metrics import Metrics
+from service.registry.placement import Placement
 from service.registry.store import AdapterStore, StoredVersion
 
 log = logging.getLogger("promptswap.registry")
@@ -76,15 +77,6 @@ class LoadedAdapter:
         return self.manifest.hyperparameters.get("template")
 
 
-@dataclass(frozen=True)
-class Placement:
-    """How one method's adapters fit the backbone that serves them."""
-
-    fingerprint: dict[str, Any]
-    # folded tensors (CPU, fp32) -> (device form, device bytes, extras)
-    place: Callable[[Any], tuple[Any, int, dict[str, Any]]]
-
-
 class _Vanished(Exception):
     """The resolved file was deleted before it could be read."""
 
@@ -113,6 +105,7 @@ class AdapterRegistry:
         max_adapter_bytes: int,
         io_executor: Executor,
         metrics: Metrics,
+        retry_after_s: int = 2,
         on_forget: Callable[[str], Any] | None = None,
     ) -> None:
         self.store = store
@@ -121,6 +114,7 @@ class AdapterRegistry:
         self.max_adapter_bytes = max_adapter_bytes
         self._io = io_executor
         self._metrics = metrics
+        self._retry_after_s = retry_after_s  # device out of memory, every adapter busy
         self._on_forget = on_forget  # called with "name@version" when a version is deleted
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order
         self._flights: dict[tuple[str, tuple[int, int, int]], asyncio.Future[LoadedAdapter]] = {}
@@ -219,7 +213,7 @@ class AdapterRegistry:
                     raise Unavailable(
                         f"the device has no memory left to load adapter {stored.key!r} while "
                         "the adapters in use are busy; retry shortly",
-                        retry_after_s=2,
+                        retry_after_s=self._retry_after_s,
                     ) from None
                 log.warning("device out of memory loading %s; evicting %s", stored.key, victim)
                 self._evict(victim)

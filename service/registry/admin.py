@@ -18,12 +18,11 @@ from service.errors import (
     NotFound,
     PayloadTooLarge,
     Unauthorized,
-    Unavailable,
     Unprocessable,
 )
-from service.http.deps import ReadyRuntimeDep, RuntimeDep
+from service.http.deps import RegistryDep, RuntimeDep
 from service.http.schemas import ErrorBody
-from service.registry.adapter_registry import AdapterRegistry, parse_ref
+from service.registry.adapter_registry import parse_ref
 from service.registry.store import StoreFull
 
 router = APIRouter()
@@ -39,14 +38,7 @@ def require_admin(runtime: RuntimeDep, authorization: Annotated[str | None, Head
         raise Unauthorized()
 
 
-def registry_of(runtime: ReadyRuntimeDep) -> AdapterRegistry:
-    if runtime.registry is None:
-        raise Unavailable("this service runs no backbone that takes adapters", retry_after_s=3600)
-    return runtime.registry
-
-
 AdminDep = Depends(require_admin)
-RegistryDep = Annotated[AdapterRegistry, Depends(registry_of)]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 503, 507)
 }
@@ -77,7 +69,7 @@ UPLOAD_BODY = {
     openapi_extra=UPLOAD_BODY,
     tags=["admin"],
 )
-async def upload_adapter(request: Request, registry: RegistryDep, runtime: ReadyRuntimeDep) -> JSONResponse:
+async def upload_adapter(request: Request, registry: RegistryDep, runtime: RuntimeDep) -> JSONResponse:
     """Upload an adapter file (multipart field ``file``); stored as the name's next version.
 
     The optional field ``name`` overrides the manifest's name. A refused upload leaves
@@ -118,7 +110,7 @@ async def upload_adapter(request: Request, registry: RegistryDep, runtime: Ready
 
 
 @router.delete("/v1/admin/adapters/{ref}", dependencies=[AdminDep], responses=ERRORS, tags=["admin"])
-async def delete_adapter(ref: str, registry: RegistryDep, runtime: ReadyRuntimeDep) -> dict[str, Any]:
+async def delete_adapter(ref: str, registry: RegistryDep, runtime: RuntimeDep) -> dict[str, Any]:
     """Delete ``name`` (every version) or ``name@version``. Requests already admitted
     finish on the version they hold."""
     name, version = parse_ref(ref)
@@ -131,14 +123,14 @@ async def delete_adapter(ref: str, registry: RegistryDep, runtime: ReadyRuntimeD
 
 
 @router.get("/v1/adapters", tags=["adapters"])
-async def list_adapters(registry: RegistryDep, runtime: ReadyRuntimeDep) -> dict[str, Any]:
+async def list_adapters(registry: RegistryDep, runtime: RuntimeDep) -> dict[str, Any]:
     """Every stored adapter with its versions, sizes and whether each is loaded."""
     loop = asyncio.get_running_loop()
     return {"adapters": await loop.run_in_executor(runtime.decode_pool, registry.describe_all)}
 
 
 @router.get("/v1/adapters/{name}", responses={404: {"model": ErrorBody}}, tags=["adapters"])
-async def get_adapter(name: str, registry: RegistryDep, runtime: ReadyRuntimeDep) -> dict[str, Any]:
+async def get_adapter(name: str, registry: RegistryDep, runtime: RuntimeDep) -> dict[str, Any]:
     """One adapter: versions, method, sizes, loaded or not."""
     parsed, _ = parse_ref(name)
     loop = asyncio.get_running_loop()

@@ -82,7 +82,7 @@ async def test_concurrent_requests_share_steps_and_match_alone(chat_client):
     client, app = chat_client
     requests = [(seed, INSTRUCTIONS[seed % 3], 4 + 3 * seed) for seed in range(8)]
     alone = [(await chat(client, s, i, max_tokens=m)).json()["text"] for s, i, m in requests]
-    engine = app.state.runtime.chat_engine
+    engine = app.state.runtime.services.chat.engine
     engine.batch_rows.clear()
     together = await asyncio.gather(*(chat(client, s, i, max_tokens=m) for s, i, m in requests))
     assert [r.json()["text"] for r in together] == alone
@@ -91,7 +91,7 @@ async def test_concurrent_requests_share_steps_and_match_alone(chat_client):
 
 async def test_short_request_is_not_held_hostage_by_a_long_one(chat_client):
     client, app = chat_client
-    engine = app.state.runtime.chat_engine
+    engine = app.state.runtime.services.chat.engine
     long = asyncio.ensure_future(chat(client, 0, INSTRUCTIONS[0], max_tokens=120))
     while engine.active == 0:  # the long one is decoding
         await asyncio.sleep(0)
@@ -199,7 +199,7 @@ async def test_openai_client_works_unchanged(chat_settings, tiny_llava_dir):
 
 async def test_client_leaving_a_stream_stops_its_generation(chat_client):
     client, app = chat_client
-    engine = app.state.runtime.chat_engine
+    engine = app.state.runtime.services.chat.engine
     async with client.stream(
         "POST", "/v1/chat", json={"image": b64(0), "instruction": "hi", "max_tokens": 200, "stream": True}
     ) as response:

@@ -103,7 +103,7 @@ async def test_served_adapter_equals_the_explicit_method(served, llava_dir):
     body = await chat(client, 0, "caption", max_tokens=10)
     assert body["adapter"] == "caption@1"
     expected = explicit_greedy(llava_dir, 0, m2pt_folded(llava_dir, 1), 10)
-    tokenizer = app.state.runtime.llava.tokenizer
+    tokenizer = app.state.runtime.services.chat.llava.tokenizer
     assert body["text"] == tokenizer.decode(expected, skip_special_tokens=True)
     adapted = [body["text"]] + [(await chat(client, s, "vqa", max_tokens=10))["text"] for s in (1, 2)]
     plain = [(await chat(client, s, None, max_tokens=10))["text"] for s in (0, 1, 2)]
@@ -114,7 +114,7 @@ async def test_mixed_adapters_in_one_batch_equal_alone(served):
     client, app = served
     plan = [(seed, [None, "caption", "vqa"][seed % 3], 4 + seed) for seed in range(9)]
     alone = [(await chat(client, s, a, m))["text"] for s, a, m in plan]
-    engine = app.state.runtime.chat_engine
+    engine = app.state.runtime.services.chat.engine
     engine.batch_rows.clear()
     together = await asyncio.gather(*(chat(client, s, a, m) for s, a, m in plan))
     assert [b["text"] for b in together] == alone
@@ -124,7 +124,7 @@ async def test_mixed_adapters_in_one_batch_equal_alone(served):
 
 async def test_prefix_is_computed_once_per_adapter(served):
     client, app = served
-    registry = app.state.runtime.registry
+    registry = app.state.runtime.services.registry
     await asyncio.gather(*(chat(client, s, "vqa", 3) for s in range(6)))
     loaded_before = registry.loads
     await chat(client, 7, "vqa", 3)

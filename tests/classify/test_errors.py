@@ -207,7 +207,7 @@ async def test_full_queue_answers_429_with_retry_after(make_settings, monkeypatc
         first = asyncio.ensure_future(client.post("/v1/classify", **form(image, ["cat"])))
         await gate.wait_entered()  # the model is busy with the first
         second = asyncio.ensure_future(client.post("/v1/classify", **form(image, ["cat"])))
-        while app.state.runtime.classify_queue.depth < 1:  # the second is queued
+        while app.state.runtime.services.classify.queue.depth < 1:  # the second is queued
             await asyncio.sleep(0)
         third = await client.post("/v1/classify", **form(image, ["cat"]))
         assert_error(third, 429, "overloaded")
@@ -269,7 +269,7 @@ async def test_disconnected_client_is_dropped_from_the_queue(make_settings, monk
             "root_path": "",
         }
         call = asyncio.ensure_future(app(scope, receive, send))
-        while app.state.runtime.classify_queue.depth < 1:
+        while app.state.runtime.services.classify.queue.depth < 1:
             await asyncio.sleep(0)
         gone.set()
         await call

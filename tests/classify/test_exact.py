@@ -99,14 +99,14 @@ async def test_text_features_are_cached(make_settings):
     async with running_app(make_settings()) as (client, app):
         runtime = app.state.runtime
         await classify(client, 0, LABEL_SETS[2])
-        forwards = runtime.classify_handler.text_forwards
+        forwards = runtime.services.classify.handler.text_forwards
         assert forwards >= 1
         for seed in range(1, 4):  # same label set, other images, JSON-array form too
             await classify(client, seed, [json.dumps(LABEL_SETS[2])])
         await classify(client, 9, ["boat"])  # a subset: every label cached already
-        assert runtime.classify_handler.text_forwards == forwards
+        assert runtime.services.classify.handler.text_forwards == forwards
         await classify(client, 9, ["an unseen label"])
-        assert runtime.classify_handler.text_forwards == forwards + 1
+        assert runtime.services.classify.handler.text_forwards == forwards + 1
         registry = app.state.metrics.registry
         assert registry.get_sample_value("promptswap_text_cache_hits_total") == 16
         assert registry.get_sample_value("promptswap_text_cache_misses_total") == 6

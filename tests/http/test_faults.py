@@ -111,7 +111,7 @@ async def test_model_exception_fails_only_its_batch(make_settings, monkeypatch, 
             asyncio.ensure_future(client.post("/v1/classify", **form(image, ["dog", str(i)])))
             for i in range(4)
         ]
-        while app.state.runtime.classify_queue.depth < 4:  # all four wait behind the first
+        while app.state.runtime.services.classify.queue.depth < 4:  # all four wait behind the first
             await asyncio.sleep(0)
         gate.release.set()
         assert (await first).status_code == 200
@@ -133,7 +133,7 @@ def simulate_device_capacity(registry, adapters: int) -> list[str]:
     adapters are loaded; returns the keys whose placement hit it."""
     import torch
 
-    from service.registry.adapter_registry import Placement
+    from service.registry.placement import Placement
 
     real = registry.placements["maple"]
     refused: list[str] = []
@@ -150,7 +150,7 @@ def simulate_device_capacity(registry, adapters: int) -> list[str]:
 
 async def test_device_oom_during_adapter_load_evicts_idle_adapters_and_retries(make_settings, tiny_clip_dir):
     async with running_app(make_settings(admin_token=TOKEN)) as (client, app):
-        registry = app.state.runtime.registry
+        registry = app.state.runtime.services.registry
         for seed, name in enumerate(("a", "b", "c")):
             assert (await upload(client, adapter_bytes(tiny_clip_dir, name, seed=seed))).status_code == 201
         reference = (
@@ -175,7 +175,7 @@ async def test_device_oom_during_adapter_load_evicts_idle_adapters_and_retries(m
 async def test_device_oom_with_nothing_to_evict_is_503(make_settings, tiny_clip_dir):
     async with running_app(make_settings(admin_token=TOKEN)) as (client, app):
         assert (await upload(client, adapter_bytes(tiny_clip_dir, "a", seed=1))).status_code == 201
-        simulate_device_capacity(app.state.runtime.registry, adapters=0)
+        simulate_device_capacity(app.state.runtime.services.registry, adapters=0)
         response = await client.post("/v1/classify", **form(encode(make_image(3)), ["x", "y"], adapter="a"))
         assert "memory" in assert_error(response, 503, "unavailable")["message"]
         assert response.headers["Retry-After"] == "2"

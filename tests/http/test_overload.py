@@ -15,7 +15,7 @@ async def test_burst_past_the_queue_gets_fast_429s_and_recovery_is_immediate(mak
     max_queue, burst = 4, 40
     settings = make_settings(max_queue=max_queue, max_batch_size=1, max_wait_ms=0)
     async with running_app(settings) as (client, app):
-        queue = app.state.runtime.classify_queue
+        queue = app.state.runtime.services.classify.queue
         image = encode(make_image(0))
 
         def post(i: int):
@@ -84,7 +84,7 @@ async def test_refusals_come_before_the_body_is_read(make_settings, monkeypatch)
         async def ignore(message):
             pass
 
-        arriving = app.state.runtime.classify_gate
+        arriving = app.state.runtime.services.classify.lane.gate
         bodies = asyncio.Event()
         slow = [asyncio.ensure_future(app(scope, slow_upload([], bodies), ignore)) for _ in range(2)]
         while arriving.arriving < 2:  # both hold a place while their bodies trickle in

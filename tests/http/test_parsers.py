@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from starlette.requests import Request
 
-from service.classify.routes import _check_labels, _check_template, _parse_classify
+from service.classify.request import parse_classify
 from service.errors import ApiError, InvalidImage, PayloadTooLarge
 from service.http.images import decode_base64_image, decode_image
 from service.settings import Settings
@@ -171,13 +171,14 @@ def parse(body: bytes, content_type: str) -> None:
     """The route's parse-and-bound steps; only ApiErrors (4xx) may come out."""
 
     async def run() -> None:
-        parsed, image = await _parse_classify(request_for(body, content_type), SETTINGS)
-        labels = _check_labels(parsed.labels, SETTINGS)
+        call = await parse_classify(request_for(body, content_type), SETTINGS)
+        labels = call.labels
         assert 1 <= len(labels) <= SETTINGS.max_labels
         assert all(0 < len(x) <= SETTINGS.max_label_chars and "\x00" not in x for x in labels)
-        template = _check_template(parsed.template, SETTINGS)
+        template = call.template
         assert template is None or template.count("{}") == 1
-        assert isinstance(image, bytes)
+        assert 1 <= call.top_k <= len(labels)
+        assert isinstance(call.image, bytes)
 
     try:
         asyncio.run(run())

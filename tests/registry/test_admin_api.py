@@ -175,7 +175,7 @@ async def test_mixed_adapter_batches_equal_one_by_one(admin_settings, tiny_clip_
 async def test_cold_adapter_loads_once_for_concurrent_requests(admin_settings, tiny_clip_dir):
     async with running_app(admin_settings()) as (client, app):
         assert (await upload(client, adapter_bytes(tiny_clip_dir, "cold"))).status_code == 201
-        registry = app.state.runtime.registry
+        registry = app.state.runtime.services.registry
         assert registry.loads == 0
         responses = await asyncio.gather(*(classify(client, s, ["a", "b"], "cold") for s in range(10)))
         assert all(r.status_code == 200 for r in responses)
@@ -188,7 +188,7 @@ async def test_device_cache_evicts_least_recently_used(admin_settings, tiny_clip
     async with running_app(admin_settings(adapter_cache_bytes=2 * one_adapter)) as (client, app):
         for name in ("a1", "a2", "a3"):
             assert (await upload(client, adapter_bytes(tiny_clip_dir, name))).status_code == 201
-        registry = app.state.runtime.registry
+        registry = app.state.runtime.services.registry
         for name in ("a1", "a2", "a3"):
             assert (await classify(client, 0, ["x"], name)).status_code == 200
         assert not registry.is_loaded("a1@1") and registry.is_loaded("a2@1") and registry.is_loaded("a3@1")
@@ -286,7 +286,7 @@ async def test_concurrent_cold_loads_past_a_one_adapter_budget_all_succeed(admin
         responses = await asyncio.gather(*(classify(client, i, ["a", "b"], names[i % 4]) for i in range(24)))
         assert [r.status_code for r in responses] == [200] * 24
         assert [r.json()["adapter"] for r in responses] == [f"{names[i % 4]}@1" for i in range(24)]
-        registry = app.state.runtime.registry
+        registry = app.state.runtime.services.registry
         assert registry.device_bytes <= one_adapter  # nothing pinned once answered
 
 
@@ -326,7 +326,7 @@ async def test_a_replaced_file_never_gets_the_old_contents_text_embeddings(
 async def test_an_adapter_deleted_while_it_loads_is_404_not_500(admin_settings, tiny_clip_dir, monkeypatch):
     async with running_app(admin_settings()) as (client, app):
         assert (await upload(client, adapter_bytes(tiny_clip_dir, "gone"))).status_code == 201
-        store = app.state.runtime.registry.store
+        store = app.state.runtime.services.registry.store
         resolve = store.get
 
         def get_then_delete(name, version=None):  # the delete lands between resolve and read
@@ -346,7 +346,7 @@ async def test_latest_deleted_while_it_loads_falls_back_to_the_remaining_version
     async with running_app(admin_settings()) as (client, app):
         for seed in (1, 2):
             assert (await upload(client, adapter_bytes(tiny_clip_dir, "two", seed=seed))).status_code == 201
-        store = app.state.runtime.registry.store
+        store = app.state.runtime.services.registry.store
         resolve = store.get
         deleted = []
 
