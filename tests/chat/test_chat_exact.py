@@ -62,7 +62,7 @@ def test_the_fixture_is_sensitive_to_positions(position_model, generate_tokens):
 
 
 def expected_text(app, tokens: list[int]) -> str:
-    return app.state.runtime.llava.tokenizer.decode(tokens, skip_special_tokens=True)
+    return app.state.runtime.services.chat.llava.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 async def native(client, seed: int, instruction: str, max_tokens: int):
@@ -75,11 +75,11 @@ async def native(client, seed: int, instruction: str, max_tokens: int):
 
 async def test_single_requests_equal_generate_on_both_routes(served, generate_tokens):
     client, app = served
-    model_id = app.state.runtime.llava.model_id
+    model_id = app.state.runtime.services.chat.llava.model_id
     stopped = 0
     for seed, instruction in CASES:
         tokens = generate_tokens(seed, instruction, 24)
-        stopped += tokens[-1] in app.state.runtime.llava.eos_token_ids
+        stopped += tokens[-1] in app.state.runtime.services.chat.llava.eos_token_ids
         body = await native(client, seed, instruction, 24)
         assert body["text"] == expected_text(app, tokens), (seed, instruction[:20])
         assert body["usage"]["completion_tokens"] == len(tokens)  # the stop token counts
@@ -106,7 +106,7 @@ async def test_single_requests_equal_generate_on_both_routes(served, generate_to
 
 async def test_concurrent_requests_joining_at_different_steps_equal_generate(served, generate_tokens):
     client, app = served
-    engine = app.state.runtime.chat_engine
+    engine = app.state.runtime.services.chat.engine
     plan = [(s % 4, CASES[s % len(CASES)][1], 6 + 3 * s) for s in range(8)]
     engine.batch_rows.clear()
     tasks = []
