@@ -93,12 +93,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_guarded(cmd_import_maple))
 
     p = subparsers.add_parser("inspect", help="print an adapter's manifest and tensor shapes (any method)")
-    p.add_argument("file")
+    p.add_argument("file", help="the adapter file (.safetensors)")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help=_MAX_BYTES_HELP)
     p.set_defaults(func=_guarded(cmd_inspect))
 
     p = subparsers.add_parser("validate", help="check an adapter file against a backbone (any method)")
-    p.add_argument("file")
+    p.add_argument("file", help="the adapter file (.safetensors)")
     p.add_argument(
         "--backbone", required=True, help="hub id or local directory of the backbone it will run on"
     )

@@ -1,7 +1,9 @@
-"""``train maple`` and ``upload``: from an image folder to an adapter served by a running service.
+"""``train maple``, ``train m2pt`` and ``upload``: from training data to an adapter served by a running service.
 
-Kept apart from ``adapters.cli`` so the training options live next to each other; the
-heavy imports (torch, transformers) happen only when a command runs.
+The ``train`` options are generated from the config dataclasses (``adapters.options``),
+so each default is written once, beside its help text. Kept apart from ``adapters.cli``
+so the training options live next to each other; the heavy imports (torch,
+transformers) happen only when a command runs.
 """
 
 from __future__ import annotations
@@ -10,54 +12,66 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from adapters.options import add_options, from_args, option
 
 Command = Callable[[argparse.Namespace], int]
 
 
-def cmd_train_maple(args: argparse.Namespace) -> int:
-    from adapters.training import TrainConfig, train_maple
+@dataclass
+class UploadOptions:
+    upload: str | None = option(
+        "then upload the adapter to this service (e.g. http://localhost:8000)", None, metavar="URL"
+    )
+    token: str | None = option("admin token for --upload (prefer the env PROMPTSWAP_ADMIN_TOKEN)", None)
+
+
+def _train(args: argparse.Namespace, train: Callable[[], tuple[bytes, list[str]]]) -> int:
+    """Run ``train`` (the adapter bytes and summary lines), print, write, upload; Ctrl-C leaves a checkpoint."""
     from adapters.upload import resolve_token
 
-    token = resolve_token(args.token) if args.upload else None  # fail before training, not after
-    config = TrainConfig(
-        backbone=args.backbone, data=args.data, output=args.output, name=args.name, shots=args.shots,
-        epochs=args.epochs, max_steps=args.max_steps, n_ctx=args.n_ctx, depth=args.depth, lr=args.lr,
-        weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed, template=args.template,
-        eval_fraction=args.eval_fraction, eval_every=args.eval_every, device=args.device, amp=args.amp,
-        checkpoint_dir=args.checkpoint_dir, resume=args.resume, description=args.description,
-    )  # fmt: skip
+    target = from_args(UploadOptions, args)
+    token = resolve_token(target.token) if target.upload else None  # fail before training, not after
     try:
-        result = train_maple(config)
+        adapter, summary = train()
     except KeyboardInterrupt:
         print("interrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130
-    n = len(result.held_out)
-    print(f"held-out accuracy on {n} images ({result.steps} steps, {result.seconds:.1f} s):")
-    print(f"  zero-shot  {result.zero_shot_accuracy:6.1%}")
-    print(f"  adapter    {result.accuracy:6.1%}")
-    print(f"wrote {args.output} ({len(result.adapter)} bytes)")
-    if args.upload:
-        return _upload(result.adapter, Path(args.output).name, args.upload, token, name=None)
+    for line in summary:
+        print(line)
+    print(f"wrote {args.output} ({len(adapter)} bytes)")
+    if target.upload:
+        return _upload(adapter, Path(args.output).name, target.upload, token, name=None)
     return 0
+
+
+def cmd_train_maple(args: argparse.Namespace) -> int:
+    from adapters.training_maple import TrainConfig, train_maple
+
+    def train() -> tuple[bytes, list[str]]:
+        result = train_maple(from_args(TrainConfig, args))
+        return result.adapter, [
+            f"held-out accuracy on {len(result.held_out)} images ({result.steps} steps, {result.seconds:.1f} s):",
+            f"  zero-shot  {result.zero_shot_accuracy:6.1%}",
+            f"  adapter    {result.accuracy:6.1%}",
+        ]
+
+    return _train(args, train)
 
 
 def cmd_train_m2pt(args: argparse.Namespace) -> int:
     from adapters.training_m2pt import M2ptTrainConfig, train_m2pt
 
-    config = M2ptTrainConfig(
-        backbone=args.backbone, data=args.data, output=args.output, name=args.name, n_vision=args.n_vision,
-        n_text=args.n_text, lr=args.lr, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-        device=args.device, description=args.description,
-    )  # fmt: skip
-    result = train_m2pt(config)
-    print(
-        f"answer loss {result.loss_start:.4f} -> {result.loss_end:.4f} ({result.steps} steps, {result.seconds:.1f} s)"
-    )
-    for i, (before, after) in enumerate(zip(result.answers_before, result.answers_after, strict=True)):
-        print(f"  [{i}] target {result.examples[i].answer!r}: before {before!r}, after {after!r}")
-    print(f"wrote {args.output} ({len(result.adapter)} bytes)")
-    return 0
+    def train() -> tuple[bytes, list[str]]:
+        r = train_m2pt(from_args(M2ptTrainConfig, args))
+        lines = [f"answer loss {r.loss_start:.4f} -> {r.loss_end:.4f} ({r.steps} steps, {r.seconds:.1f} s)"]
+        for i, (before, after) in enumerate(zip(r.answers_before, r.answers_after, strict=True)):
+            lines.append(f"  [{i}] target {r.examples[i].answer!r}: before {before!r}, after {after!r}")
+        return r.adapter, lines
+
+    return _train(args, train)
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
@@ -78,67 +92,35 @@ def _upload(data: bytes, filename: str, url: str, token: str | None, *, name: st
 
 
 def register_training(subparsers: argparse._SubParsersAction, guarded: Callable[[Command], Command]) -> None:
-    train = subparsers.add_parser("train", help="train a prompt adapter on an image folder")
+    # The config classes import torch; argparse needs only their fields, so import them here.
+    from adapters.training_m2pt import M2ptTrainConfig
+    from adapters.training_maple import TrainConfig
+
+    train = subparsers.add_parser("train", help="train a prompt adapter on a frozen backbone")
     methods = train.add_subparsers(dest="method", required=True)
     p = methods.add_parser(
         "maple",
         help="few-shot MaPLe prompts on a frozen CLIP",
         description="Train MaPLe prompts on DATA (one sub-folder per class, folder name = label); "
         "only the prompts learn, the backbone stays frozen. Ctrl-C leaves a checkpoint; --resume continues.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--backbone", required=True, help="CLIP hub id or local directory (the one you serve)")
-    p.add_argument("--data", required=True, help="image folder: one sub-folder per class")
-    p.add_argument("-o", "--output", required=True, help="adapter file to write")
-    p.add_argument("--name", help="adapter name (default: the output file's stem)")
-    p.add_argument("--shots", type=int, default=16, help="training images per class; the rest are held out")
-    p.add_argument("--epochs", type=int, default=50, help="passes over the few-shot set")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--n-ctx", type=int, default=2, help="prompt tokens per layer")
-    p.add_argument("--depth", type=int, default=9, help="layers that get prompts (J)")
-    p.add_argument("--lr", type=float, default=0.01, help="AdamW learning rate (cosine schedule)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--template", default="a photo of a {}.", help="prompt; serve with the same one")
-    p.add_argument(
-        "--eval-fraction", type=float, default=1.0, help="share of the non-training images held out"
-    )
-    p.add_argument("--eval-every", type=int, default=1, help="epochs between held-out evaluations")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument(
-        "--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="mixed precision (CUDA only)"
-    )
-    p.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUTPUT.ckpt)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--description", default="", help="free text stored in the manifest")
-    p.add_argument("--upload", metavar="URL", help="then upload to this service (e.g. http://localhost:8000)")
-    p.add_argument("--token", help="admin token for --upload (prefer the env PROMPTSWAP_ADMIN_TOKEN)")
+    add_options(p, TrainConfig)
+    add_options(p, UploadOptions)
     p.set_defaults(func=guarded(cmd_train_maple))
 
     p = methods.add_parser(
         "m2pt",
         help="M2PT instruction tuning of a frozen LLaVA",
         description="Train M2PT prompts (vision, text, interaction layer) on DATA, a JSONL file of "
-        '{"image": path relative to the file, "instruction": ..., "answer": ...}; the backbone stays frozen.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        '{"image": path relative to the file, "instruction": ..., "answer": ...}; the backbone stays frozen. '
+        "Ctrl-C leaves a checkpoint; --resume continues.",
     )
-    p.add_argument("--backbone", required=True, help="LLaVA directory or hub id (the one you serve)")
-    p.add_argument("--data", required=True, help="JSONL instruction set")
-    p.add_argument("-o", "--output", required=True, help="adapter file to write")
-    p.add_argument("--name", help="adapter name (default: the output file's stem)")
-    p.add_argument("--n-vision", type=int, default=4, help="visual prompts per vision layer")
-    p.add_argument("--n-text", type=int, default=4, help="textual prompts per LLM layer")
-    p.add_argument("--lr", type=float, default=0.01, help="AdamW learning rate")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--description", default="", help="free text stored in the manifest")
+    add_options(p, M2ptTrainConfig)
+    add_options(p, UploadOptions)
     p.set_defaults(func=guarded(cmd_train_m2pt))
 
     p = subparsers.add_parser("upload", help="upload an adapter file to a running service")
-    p.add_argument("file")
+    p.add_argument("file", help="the adapter file (.safetensors)")
     p.add_argument("--url", required=True, help="service base URL, e.g. http://localhost:8000")
     p.add_argument("--token", help="admin token (prefer the env PROMPTSWAP_ADMIN_TOKEN)")
     p.add_argument("--name", help="store under this name instead of the manifest's")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 class AdapterError(Exception):
-    """Base of every error this package raises about an adapter or a checkpoint."""
+    """Base of every error this package raises about an adapter, a checkpoint or a training run."""
 
     code = "adapter_error"
 
@@ -53,3 +53,9 @@ class AdapterChecksumError(AdapterError):
     """The stored tensor bytes do not match the manifest's sha256: the file is corrupted."""
 
     code = "adapter_checksum"
+
+
+class DeviceUnavailable(AdapterError, ValueError):
+    """The device asked for is not there (a CUDA device on a machine without one)."""
+
+    code = "device_unavailable"

@@ -1,5 +1,8 @@
 """M²PT prompts for LLaVA: the train-time learner and the folded inference form.
 
+Over 400 lines on purpose: one module per method (its description, learner, folded form
+and file spec together), and about 60 of them describe the reference and where we differ.
+
 M²PT (Wang et al., EMNLP 2024; reference code github.com/William-wAng618/M2PT, folder
 ``M2PT/``) tunes three things on a frozen LLaVA and nothing else:
 

@@ -1,21 +1,18 @@
 """M²PT instruction tuning on a frozen LLaVA, through the same explicit prompted forward.
 
-Only the prompt learner trains (vision prompts, text prompts, the interaction layer): every
-backbone weight has ``requires_grad`` False and is never handed to the optimizer. Each
+The learner is the vision prompts, the text prompts and the interaction layer. Each
 example is the processor's chat prompt (one image part + the instruction, with the
 generation prompt) followed by the answer tokens and eos; the loss is cross-entropy on the
 answer and eos positions only, from ``adapters.prompted_llava.explicit_forward`` fed with
 ``learner.as_folded()`` (differentiable). Batches are left-padded, as that forward expects.
-
-No checkpoints or resume here (MaPLe's trainer has them); a run is short and a function of
-its config (seed, data order).
+The loop, checkpoints and resume are ``adapters.training``'s (constant learning rate).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,38 +20,33 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from adapters.checkpoint import write_atomic
+from adapters.devices import resolve_device
 from adapters.errors import AdapterValueError
 from adapters.format import dump
 from adapters.m2pt import M2ptConfig, M2ptPromptLearner, fold, llava_fingerprint
+from adapters.options import option
 from adapters.prompted_llava import explicit_forward
-from adapters.training import resolve_device
+from adapters.training import RunConfig, TrainingRun, load_frozen
 
 IGNORE = -100
 SHOW_EXAMPLES = 3  # greedy answers printed before and after
 
 
 @dataclass
-class M2ptTrainConfig:
-    backbone: str  # local LLaVA directory (or hub id)
-    data: str  # JSONL: {"image": path relative to the file's folder, "instruction": ..., "answer": ...}
-    output: str
-    name: str | None = None  # adapter name; default: the output file's stem
-    n_vision: int = 4
-    n_text: int = 4
-    lr: float = 0.01
-    weight_decay: float = 0.0
-    steps: int = 60
-    batch_size: int = 4
-    seed: int = 0
-    device: str = "auto"
-    max_new_tokens: int = 12
-    description: str = ""
-
-    def adapter_name(self) -> str:
-        return self.name or Path(self.output).stem.lower()
+class M2ptTrainConfig(RunConfig):
+    backbone: str = option("LLaVA directory or hub id (the one you serve)")
+    data: str = option(
+        'JSONL instruction set: {"image": path relative to the file, "instruction": ..., "answer": ...}'
+    )
+    weight_decay: float = option("AdamW weight decay", 0.0)
+    batch_size: int = option("examples per optimizer step", 4)
+    n_vision: int = option("visual prompts per vision layer", 4)
+    n_text: int = option("textual prompts per LLM layer", 4)
+    steps: int = option("optimizer steps", 60)
+    max_new_tokens: int = option("longest greedy answer shown before and after", 12)
 
 
 @dataclass
@@ -104,11 +96,15 @@ def read_examples(path: str | Path) -> list[Example]:
 
 def load_llava(ident: str, device: torch.device) -> tuple[LlavaForConditionalGeneration, Any]:
     """The LLaVA in fp32, frozen and in eval mode, and its processor."""
-    model = LlavaForConditionalGeneration.from_pretrained(ident, dtype=torch.float32)
-    model.requires_grad_(False)
-    model.eval()
-    # transformers wraps .to with functools.wraps, so type checkers lose its self
-    return torch.nn.Module.to(model, device), AutoProcessor.from_pretrained(ident)
+    return load_frozen(LlavaForConditionalGeneration, ident, device)
+
+
+def examples_fingerprint(examples: list[Example]) -> str:
+    """Identifies the training set (image names and texts), so a resume on changed data is refused."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.image.name, e.instruction, e.answer]).encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -153,7 +149,7 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
-class M2ptTrainer:
+class M2ptTrainer(TrainingRun[M2ptTrainConfig, M2ptTrainResult]):
     def __init__(
         self,
         config: M2ptTrainConfig,
@@ -161,23 +157,24 @@ class M2ptTrainer:
         processor: Any,
         *,
         log: TextIO | None = None,
+        on_step: Callable[[int], None] | None = None,  # called after each step (tests interrupt here)
     ) -> None:
-        self.cfg, self.model, self.processor = config, model, processor
-        self.log = sys.stderr if log is None else log
-        self.device = next(model.parameters()).device
-        if config.steps < 1 or config.batch_size < 1:
-            raise AdapterValueError("steps and batch size must be >= 1")
+        self.processor = processor
         self.examples = read_examples(config.data)
         self.encoded = [encode_example(processor, e) for e in self.examples]
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         m2pt = M2ptConfig.for_llava(model.config, n_vision=config.n_vision, n_text=config.n_text)
         torch.manual_seed(config.seed)  # the learner's random init
-        self.learner = M2ptPromptLearner(m2pt).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.learner.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
-        self.generator = torch.Generator().manual_seed(config.seed)  # the data order
+        learner = M2ptPromptLearner(m2pt)
+        super().__init__(
+            config, model, learner, n_examples=len(self.encoded), total_steps=config.steps, cosine=False,
+            amp=None, log=log, on_step=on_step,
+        )  # fmt: skip
+        self.model: LlavaForConditionalGeneration = model
+        self.learner: M2ptPromptLearner = learner
+        self.loss_start = float("nan")
+        self.answers_before: list[str] = []
 
     def _batch(self, items: list[Encoded]) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(self.device) for t in collate(items, self.pad_id))
@@ -214,55 +211,56 @@ class M2ptTrainer:
     def show(self) -> list[str]:
         return [self.greedy(e) for e in self.encoded[:SHOW_EXAMPLES]]
 
-    def order(self) -> list[int]:
-        return torch.randperm(len(self.encoded), generator=self.generator).tolist()
+    # ------------------------------------------------------------ the loop's parts
 
-    def run(self) -> M2ptTrainResult:
-        c, log = self.cfg, self.log
-        started = time.monotonic()
-        loss_start = self.mean_loss()
-        before = self.show()
-        print(f"{len(self.encoded)} examples; loss before {loss_start:.4f}", file=log)
-        for i, a in enumerate(before):
-            print(f"  before [{i}] {a!r}", file=log)
-        history: list[float] = []
-        queue: list[int] = []
-        every = max(1, c.steps // 20)
-        self.learner.train()
-        for step in range(1, c.steps + 1):
-            while len(queue) < c.batch_size:
-                queue += self.order()
-            picked, queue = queue[: c.batch_size], queue[c.batch_size :]
-            ids, mask, labels, px = self._batch([self.encoded[j] for j in picked])
-            loss = answer_loss(explicit_forward(self.model, ids, mask, px, self.learner.as_folded()), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            history.append(float(loss.detach()))
-            if step % every == 0 or step == c.steps:
-                rate = step / max(time.monotonic() - started, 1e-9)
-                print(
-                    f"step {step:>6}/{c.steps}  loss {history[-1]:.4f}  ({rate:.1f} it/s)",
-                    file=log,
-                    flush=True,
-                )
-        self.learner.eval()
+    def run_facts(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "backbone": llava_fingerprint(self.model.config), "data": examples_fingerprint(self.examples),
+            "n_vision": c.n_vision, "n_text": c.n_text, "lr": c.lr, "weight_decay": c.weight_decay,
+            "batch_size": c.batch_size, "seed": c.seed, "total_steps": self.total_steps,
+            "max_new_tokens": c.max_new_tokens,
+        }  # fmt: skip
+
+    def state(self) -> dict[str, Any]:
+        return {"loss_start": self.loss_start, "answers_before": self.answers_before}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.loss_start, self.answers_before = float(state["loss_start"]), list(state["answers_before"])
+
+    def before(self) -> None:
+        self.loss_start = self.mean_loss()
+        self.answers_before = self.show()
+
+    def intro(self) -> str:
+        lines = [f"{len(self.encoded)} examples; loss before {self.loss_start:.4f}"]
+        lines += [f"  before [{i}] {a!r}" for i, a in enumerate(self.answers_before)]
+        return "\n".join(lines)
+
+    def batch_loss(self, indices: list[int]) -> tuple[torch.Tensor, str]:
+        ids, mask, labels, px = self._batch([self.encoded[j] for j in indices])
+        return answer_loss(explicit_forward(self.model, ids, mask, px, self.learner.as_folded()), labels), ""
+
+    def after_step(self, loss: float) -> None:
+        self.history.append(loss)
+
+    def result(self, seconds: float) -> M2ptTrainResult:
+        c = self.cfg
         loss_end = self.mean_loss()
         after = self.show()
-        print(f"loss after {loss_end:.4f}", file=log)
-        for i, a in enumerate(after):
-            print(f"  after  [{i}] {a!r}  (target {self.examples[i].answer!r})", file=log)
+        self.log.write(f"loss after {loss_end:.4f}\n")
         hp: dict[str, Any] = {
-            "steps": c.steps, "lr": c.lr, "seed": c.seed, "batch_size": c.batch_size,
-            "n_examples": len(self.encoded), "loss_start": round(loss_start, 6), "loss_end": round(loss_end, 6),
+            "steps": self.step, "lr": c.lr, "seed": c.seed, "batch_size": c.batch_size,
+            "n_examples": len(self.encoded), "loss_start": round(self.loss_start, 6), "loss_end": round(loss_end, 6),
         }  # fmt: skip
         data = dump(
             fold(self.learner), name=c.adapter_name(), backbone=llava_fingerprint(self.model.config),
             description=c.description, hyperparameters=hp,
         )  # fmt: skip
         return M2ptTrainResult(
-            adapter=data, steps=c.steps, loss_start=loss_start, loss_end=loss_end, answers_before=before,
-            answers_after=after, examples=self.examples, seconds=time.monotonic() - started, history=history,
+            adapter=data, steps=self.step, loss_start=self.loss_start, loss_end=loss_end,
+            answers_before=self.answers_before, answers_after=after, examples=self.examples, seconds=seconds,
+            history=self.history,
         )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from adapters import upload as upload_module
 from adapters.cli import main as adapters_main
 from adapters.format import read_adapter_file, validate_for_backbone
 from adapters.maple import clip_fingerprint
-from adapters.training import TrainConfig, Trainer, load_backbone
+from adapters.training_maple import TrainConfig, Trainer, load_backbone
 from adapters.upload import upload_adapter
 from tests.adapters.test_training_data import digits_dir, render_digits  # noqa: F401  (fixture)
 from tests.conftest import running_app

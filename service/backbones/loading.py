@@ -7,19 +7,13 @@ import logging
 import torch
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
+from adapters.devices import resolve_device
+
 log = logging.getLogger("promptswap.backbones")
 
 
 class BackboneLoadError(RuntimeError):
     """The checkpoint cannot be served as this backbone; the message says why."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackboneLoadError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

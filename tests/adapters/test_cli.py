@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.cli import main
+from adapters.cli import main, register
 from adapters.container import MAX_HEADER_BYTES
 from adapters.format import dump, read_adapter_file
 from adapters.m2pt import M2ptConfig, M2ptPromptLearner, llava_fingerprint
@@ -185,3 +186,22 @@ def test_a_jpeg_is_not_a_safetensors_file(tmp_path: Path, capsys: pytest.Capture
         err = capsys.readouterr().err
         assert "not a safetensors file (it looks like a JPEG image)" in err
         assert not any(ch.isdigit() for ch in err), err
+
+
+@pytest.mark.parametrize("method", ["maple", "m2pt"])
+def test_every_train_option_has_a_help_text_and_one_true_default(method: str) -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    train = next(a for a in parser._subparsers._group_actions if "train" in a.choices).choices["train"]
+    sub = next(a for a in train._subparsers._group_actions if method in a.choices).choices[method]
+    formatter = sub._get_formatter()
+    options = [a for a in sub._actions if a.dest != "help"]
+    assert {"resume", "upload", "token", "checkpoint_dir", "weight_decay", "batch_size", "seed"} <= {
+        a.dest for a in options
+    }
+    for action in options:
+        assert action.help, f"{action.option_strings} has no help text"
+        text = formatter._expand_help(action)
+        assert text.count("(default:") <= 1 and "(default: None)" not in text, text
+        if action.default not in (None, False, "") and not action.required:
+            assert f"(default: {action.default})" in text, text  # the value the option really takes

@@ -15,7 +15,7 @@ from adapters import checkpoint
 from adapters.checkpoint import load_checkpoint
 from adapters.errors import AdapterValueError
 from adapters.format import load_adapter
-from adapters.training import TrainConfig, Trainer, load_backbone
+from adapters.training_maple import TrainConfig, Trainer, load_backbone
 from tests.adapters.test_training_data import render_digits
 
 # Tiny models: one intra-op thread is faster and far steadier on a busy 2-core machine.

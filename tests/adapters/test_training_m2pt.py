@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -11,8 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from httpx import ASGITransport, AsyncClient
 from transformers import LlavaForConditionalGeneration
 
+from adapters import upload as upload_module
+from adapters.checkpoint import load_checkpoint
+from adapters.cli import main as adapters_main
+from adapters.errors import AdapterValueError
 from adapters.format import load_adapter
 from adapters.m2pt import llava_fingerprint
 from adapters.training_m2pt import (
@@ -23,11 +29,12 @@ from adapters.training_m2pt import (
     read_examples,
     train_m2pt,
 )
-from tests.conftest import make_image
+from tests.conftest import make_image, running_app
 from tests.llava_fixtures import save_tiny_llava
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = "red cat"
+TOKEN = "train-m2pt-token"
 
 
 # Tiny models: one intra-op thread is faster and far steadier on a busy 2-core machine.
@@ -145,8 +152,6 @@ def test_same_seed_same_adapter(sharp_llava: Path, instructions: Path, tmp_path:
 
 
 def test_bad_jsonl_is_rejected(tmp_path: Path) -> None:
-    from adapters.errors import AdapterValueError
-
     data = tmp_path / "d.jsonl"
     data.write_text('{"image": "missing.png", "instruction": "x", "answer": "y"}\n')
     with pytest.raises(AdapterValueError, match="not found"):
@@ -175,3 +180,82 @@ def test_cli_train_m2pt(sharp_llava: Path, instructions: Path, tmp_path: Path) -
         3,
     )
     assert adapter.manifest.hyperparameters["steps"] == 3
+
+
+def test_interrupt_then_resume_equals_uninterrupted(
+    sharp_llava: Path, instructions: Path, tmp_path: Path
+) -> None:
+    def config(folder: str, **kw: object) -> M2ptTrainConfig:
+        # 4 examples, batch 3: 2 steps per epoch (3 + 1), so step 3 is mid-epoch.
+        return M2ptTrainConfig(
+            str(sharp_llava), str(instructions), str(tmp_path / folder / "m.safetensors"), steps=5,
+            batch_size=3, lr=0.05, device="cpu", max_new_tokens=2, **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    model, processor = load_llava(str(sharp_llava), torch.device("cpu"))
+    whole = M2ptTrainer(config("whole"), model, processor, log=io.StringIO()).run()
+
+    def ctrl_c_at_3(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cut = config("cut")
+    with pytest.raises(KeyboardInterrupt):
+        M2ptTrainer(cut, model, processor, log=io.StringIO(), on_step=ctrl_c_at_3).run()
+    tensors, meta = load_checkpoint(cut.checkpoint_path())
+    assert meta["step"] == 3 and "optimizer.state.0.exp_avg" in tensors
+    assert meta["history"] == whole.history[:3]
+
+    cut.resume = True
+    log = io.StringIO()
+    resumed = M2ptTrainer(cut, model, processor, log=log).run()
+    assert "resumed from" in log.getvalue() and "at step 3/5" in log.getvalue()
+    assert resumed.steps == whole.steps == 5
+    sha = [load_adapter(r.adapter, max_bytes=1 << 22).manifest.tensors_sha256 for r in (whole, resumed)]
+    assert sha[0] == sha[1]  # bit-identical prompts and interaction layer
+    assert resumed.history == whole.history and resumed.loss_start == whole.loss_start
+    assert resumed.answers_before == whole.answers_before
+
+    changed = config("cut", resume=True, n_text=3)
+    with pytest.raises(AdapterValueError, match="n_text differ"):
+        M2ptTrainer(changed, model, processor, log=io.StringIO()).run()
+
+
+async def test_cli_train_m2pt_uploads_and_shows_each_answer_once(
+    sharp_llava: Path,
+    instructions: Path,
+    make_settings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "answers.safetensors"
+    argv = [
+        "train", "m2pt", "--backbone", str(sharp_llava), "--data", str(instructions), "-o", str(out),
+        "--steps", "2", "--n-vision", "2", "--n-text", "2", "--max-new-tokens", "2", "--device", "cpu",
+        "--upload", "http://test",
+    ]  # fmt: skip
+    settings = make_settings(clip_model="", llava_model=str(sharp_llava), admin_token=TOKEN)
+    async with running_app(settings) as (client, app):
+        monkeypatch.setattr(
+            upload_module, "new_client", lambda: AsyncClient(transport=ASGITransport(app=app))
+        )
+        monkeypatch.setenv("PROMPTSWAP_ADMIN_TOKEN", TOKEN)
+        assert await asyncio.to_thread(adapters_main, argv) == 0
+        printed = capsys.readouterr()
+        assert "uploaded as answers@1" in printed.out and TOKEN not in printed.out + printed.err
+        listing = (await client.get("/v1/adapters")).json()["adapters"]
+        assert [a["name"] for a in listing] == ["answers"]
+    lines = (printed.out + printed.err).splitlines()
+    for i in range(3):  # the three answers shown: "after" once each, in the summary
+        assert len([line for line in lines if f"[{i}]" in line and "after" in line]) == 1, lines
+    assert (tmp_path / "answers.safetensors.ckpt" / "last.safetensors").is_file()
+
+    # --resume with the run already complete: no step left, the same adapter again.
+    first = out.read_bytes()
+    argv = [*argv[:-2], "--resume"]
+    assert await asyncio.to_thread(adapters_main, argv) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert load_adapter(out.read_bytes(), max_bytes=1 << 22).manifest.tensors_sha256 == (
+        load_adapter(first, max_bytes=1 << 22).manifest.tensors_sha256
+    )
