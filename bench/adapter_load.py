@@ -18,6 +18,7 @@ from service.metrics import Metrics
 from service.registry.adapter_registry import AdapterRegistry
 from service.registry.placement import maple_placement
 from service.registry.store import AdapterStore
+from service.settings import Settings
 
 from .adapter_files import adapter_bytes
 
@@ -33,6 +34,7 @@ def measure(model_dir: Path, dtype: str, n: int) -> dict:
             max_adapter_bytes=64 * 2**20,
             io_executor=pool,
             metrics=Metrics(),
+            retry_after_s=Settings().retry_after_adapter_memory_s,
         )
         stored = [
             store.put(f"load-{i:03d}", lambda v, i=i: adapter_bytes(model_dir, f"load-{i:03d}", i))

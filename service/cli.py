@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
+from adapters import cli as adapters_cli
+from service.ray_options import RayOptions
 from service.settings import Settings
 
 
@@ -70,14 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGINT/SIGTERM, then removes the application (and the Ray instance it started).",
     )
     add_settings_options(serve_ray)
-    add_ray_options(serve_ray.add_argument_group("Ray"))
-    try:
-        from adapters import cli as adapters_cli
-    except ImportError:  # the adapters tools are optional for serving
-        adapters_cli = None
-    if adapters_cli is not None and hasattr(adapters_cli, "register"):
-        tools = commands.add_parser("adapters", help="create, import, inspect and validate adapters")
-        adapters_cli.register(tools.add_subparsers(dest="adapters_command", required=True))
+    RayOptions.add_options(serve_ray.add_argument_group("Ray"))
+    tools = commands.add_parser("adapters", help="create, import, inspect and validate adapters")
+    adapters_cli.register(tools.add_subparsers(dest="adapters_command", required=True))
     return parser
 
 
@@ -119,110 +116,15 @@ def serve(overrides: dict[str, Any]) -> int:
     return 0
 
 
-RAY_OPTIONS = (
-    "replicas",
-    "min_replicas",
-    "max_replicas",
-    "target_ongoing_requests",
-    "ray_address",
-    "num_cpus_per_replica",
-    "num_gpus_per_replica",
-    "max_adapters_per_replica",
-    "max_ongoing_requests",
-)
-
-
-def add_ray_options(group: argparse._ArgumentGroup) -> None:
-    """``serve-ray``'s own options (none is a Settings field)."""
-    group.add_argument(
-        "--replicas", type=int, default=1, help="Replicas, each with its own models. Default: 1."
-    )
-    group.add_argument(
-        "--max-replicas",
-        type=int,
-        default=None,
-        help="Autoscale between --min-replicas and this many instead of running --replicas. "
-        "Default: (unset, no autoscaling).",
-    )
-    group.add_argument(
-        "--min-replicas", type=int, default=1, help="Fewest replicas when autoscaling. Default: 1."
-    )
-    group.add_argument(
-        "--target-ongoing-requests",
-        type=float,
-        default=None,
-        help="Autoscaling target: requests in progress per replica. Default: --max-batch-size "
-        "(one full batch each).",
-    )
-    group.add_argument(
-        "--ray-address",
-        default=None,
-        help="Ray cluster to join ('auto', 'HOST:6379', 'ray://HOST:10001'). Default: "
-        "$RAY_ADDRESS, else a new local Ray instance, stopped on exit.",
-    )
-    group.add_argument(
-        "--num-cpus-per-replica",
-        type=float,
-        default=1.0,
-        help="CPUs Ray reserves per replica. Default: 1.",
-    )
-    group.add_argument(
-        "--num-gpus-per-replica",
-        type=float,
-        default=0.0,
-        help="GPUs Ray reserves per replica; 1 on a GPU cluster (each replica holds its own "
-        "backbone). Default: 0.",
-    )
-    group.add_argument(
-        "--max-adapters-per-replica",
-        type=int,
-        default=None,
-        help="Adapter ids one replica advertises to Serve's router (LRU). Default: "
-        "--adapter-cache-bytes / --max-adapter-bytes, within 1..64.",
-    )
-    group.add_argument(
-        "--max-ongoing-requests",
-        type=int,
-        default=None,
-        help="Requests Serve lets one replica hold at once. Default: 2 x --max-batch-size, "
-        "at most --max-queue.",
-    )
-
-
-def _ray_deployment_options(ray_args: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    if ray_args["max_replicas"] is not None:
-        if not 0 <= ray_args["min_replicas"] <= ray_args["max_replicas"] or ray_args["max_replicas"] < 1:
-            raise ValueError("need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1")
-        scaling = {
-            "min_replicas": ray_args["min_replicas"],
-            "max_replicas": ray_args["max_replicas"],
-            "target_ongoing_requests": ray_args["target_ongoing_requests"] or settings.max_batch_size,
-        }
-        options: dict[str, Any] = {"autoscaling_config": scaling}
-    elif ray_args["replicas"] < 1:
-        raise ValueError("--replicas must be at least 1")
-    else:
-        options = {"num_replicas": ray_args["replicas"]}
-    options["ray_actor_options"] = {
-        "num_cpus": ray_args["num_cpus_per_replica"],
-        "num_gpus": ray_args["num_gpus_per_replica"],
-    }
-    if ray_args["max_ongoing_requests"] is not None:
-        options["max_ongoing_requests"] = ray_args["max_ongoing_requests"]
-    # The replicas log at --log-level too (Serve's own replica logger).
-    options["logging_config"] = {"log_level": settings.log_level.upper()}
-    return options
-
-
 def serve_ray(args: dict[str, Any]) -> int:
-    ray_args = {name: args.pop(name) for name in RAY_OPTIONS}
+    ray_options = RayOptions.pop_from(args)
     try:
         settings = Settings(**args)  # the CLI over this process's environment, as `serve`
     except ValidationError as exc:
         print(f"promptswap: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     try:
-        options = _ray_deployment_options(ray_args, settings)
+        options = ray_options.deployment_options(settings)
     except ValueError as exc:
         print(f"promptswap: {exc}", file=sys.stderr)
         return 2
@@ -241,11 +143,11 @@ def serve_ray(args: dict[str, Any]) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        app = make_app(settings, max_adapters=ray_args["max_adapters_per_replica"], **options)
+        app = make_app(settings, max_adapters=ray_options.max_adapters_per_replica, **options)
     except (TypeError, ValueError) as exc:  # e.g. a Ray option Serve refuses
         print(f"promptswap: {exc}", file=sys.stderr)
         return 2
-    address = ray_args["ray_address"] or os.environ.get("RAY_ADDRESS") or "local"
+    address = ray_options.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     owned = address == "local"  # started here, so stopped here
     try:
         ray.init(address=address)

@@ -65,14 +65,14 @@ class Unprocessable(ApiError):
 class Overloaded(ApiError):
     status, code = 429, "overloaded"
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
 
-    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+    def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
@@ -82,6 +82,63 @@ class DeadlineExceeded(ApiError):
 
 class InsufficientStorage(ApiError):
     status, code = 507, "insufficient_storage"
+
+
+class ContextTooLong(BadRequest):
+    code = "context_length_exceeded"
+
+
+# ---------------------------------------------------------------- domain errors
+# Raised by the registry and the store, which know no HTTP; ``api_error`` says what each
+# means for the client, here and nowhere else.
+
+
+class DomainError(Exception):
+    """A refusal of the service's own parts (registry, store), with a message for the client."""
+
+
+class AdapterNotFound(DomainError):
+    """No stored adapter answers to the ref (or it was deleted meanwhile)."""
+
+
+class WrongMethod(DomainError):
+    """The adapter is of another method than the endpoint serves (MaPLe vs M2PT)."""
+
+
+class NoBackboneFor(DomainError):
+    """The adapter's method needs a backbone this replica does not run."""
+
+
+class AdapterCorrupted(DomainError):
+    """A stored adapter file fails to read or verify: the store's fault, not the client's."""
+
+
+class DeviceFull(DomainError):
+    """No device memory left for an adapter while every loaded one is in use."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class AdapterCorruptedError(ApiError):
+    status, code = 500, "adapter_corrupted"
+
+
+def api_error(exc: DomainError) -> ApiError:
+    """The HTTP answer to a domain error."""
+    message = str(exc)
+    if isinstance(exc, AdapterNotFound):
+        return NotFound(message)
+    if isinstance(exc, WrongMethod):
+        return Unprocessable(message)
+    if isinstance(exc, NoBackboneFor):
+        return Conflict(message)
+    if isinstance(exc, DeviceFull):
+        return Unavailable(message, retry_after_s=exc.retry_after_s)
+    if isinstance(exc, AdapterCorrupted):
+        return AdapterCorruptedError(message)
+    return ApiError(message)
 
 
 # What each adapter-library error means for the client that sent the adapter.
@@ -110,6 +167,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.code, exc.message), exc.status, headers=exc.headers)
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
+        return await _api_error(request, api_error(exc))
 
     @app.exception_handler(adapter_errors.AdapterError)
     async def _adapter_error(_: Request, exc: adapter_errors.AdapterError) -> JSONResponse:

@@ -35,7 +35,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import ApiError
+from service.errors import AdapterNotFound
 from service.main import create_app
 from service.registry.adapter_registry import parse_ref
 from service.settings import Settings
@@ -116,7 +116,7 @@ def _is_adapter_ref(model_id: str) -> bool:
     # A malformed id would only crowd real adapters out of the advertised list.
     try:
         parse_ref(model_id)
-    except ApiError:
+    except AdapterNotFound:
         return False
     return True
 

@@ -11,10 +11,6 @@ from service.errors import BadRequest, InvalidImage
 from service.http.images import decode_base64_image
 
 
-class ContextTooLong(BadRequest):
-    code = "context_length_exceeded"
-
-
 @dataclass
 class ChatCall:
     """One chat request, whatever API it came through."""

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from service.backbones.llava import LlavaBackbone
 from service.chat.engine import Delta, GenerationEngine, GenRequest
-from service.chat.request import ChatCall, ContextTooLong, conversation_chars
-from service.errors import NotFound, Unprocessable
+from service.chat.request import ChatCall, conversation_chars
+from service.errors import ContextTooLong, NotFound, Unprocessable
 from service.http.admission import Lane, Place
 from service.http.images import decode_image
 from service.registry.adapter_registry import AdapterRegistry, LoadedAdapter

@@ -122,20 +122,10 @@ class BodyLimitMiddleware:
             if not started:
                 await self._reject(send, max_bytes)
 
-    async def _reject(self, send: Send, max_bytes: int) -> None:
-        body = json.dumps(error_body("payload_too_large", f"request body is over {max_bytes} bytes")).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    @staticmethod
+    async def _reject(send: Send, max_bytes: int) -> None:
+        message = f"request body is over {max_bytes} bytes"
+        await _send_json(send, 413, error_body("payload_too_large", message), [(b"connection", b"close")])
 
 
 async def _send_json(

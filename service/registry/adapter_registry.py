@@ -32,7 +32,7 @@ from adapters.format import (
     read_adapter_file,
     validate_for_backbone,
 )
-from service.errors import ApiError, Conflict, NotFound, Unavailable, Unprocessable
+from service.errors import AdapterCorrupted, AdapterNotFound, DeviceFull, NoBackboneFor, WrongMethod
 from service.metrics import Metrics
 from service.registry.placement import Placement
 from service.registry.store import AdapterStore, StoredVersion
@@ -40,10 +40,6 @@ from service.registry.store import AdapterStore, StoredVersion
 log = logging.getLogger("promptswap.registry")
 
 MANIFEST_CACHE_ENTRIES = 100_000  # parsed manifests kept by stored file (a few hundred bytes each)
-
-
-class AdapterCorrupted(ApiError):
-    status, code = 500, "adapter_corrupted"
 
 
 @dataclass(eq=False)
@@ -87,11 +83,11 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     try:
         check_name(name)
     except AdapterError as exc:
-        raise NotFound(f"adapter {ref!r} not found ({exc})") from None
+        raise AdapterNotFound(f"adapter {ref!r} not found ({exc})") from None
     if not sep:
         return name, None
     if not version.isdigit() or not (0 < int(version) < 10**9):
-        raise NotFound(f"adapter {ref!r} not found: the version must be a positive integer")
+        raise AdapterNotFound(f"adapter {ref!r} not found: the version must be a positive integer")
     return name, int(version)
 
 
@@ -105,7 +101,7 @@ class AdapterRegistry:
         max_adapter_bytes: int,
         io_executor: Executor,
         metrics: Metrics,
-        retry_after_s: int = 2,
+        retry_after_s: int,  # of the 503 when the device is full and every adapter busy
         on_forget: Callable[[str], Any] | None = None,
     ) -> None:
         self.store = store
@@ -127,9 +123,6 @@ class AdapterRegistry:
     def device_bytes(self) -> int:
         return sum(a.nbytes for a in self._loaded.values())
 
-    def is_loaded(self, key: str) -> bool:
-        return key in self._loaded
-
     # ------------------------------------------------------------------ serving
 
     async def acquire(self, ref: str, method: str = "maple") -> LoadedAdapter:
@@ -137,7 +130,7 @@ class AdapterRegistry:
         name, version = parse_ref(ref)
         adapter = await self._resolve(ref, name, version)
         if adapter.manifest.method != method:
-            raise Unprocessable(
+            raise WrongMethod(
                 f"adapter {adapter.key!r} is a {adapter.manifest.method} adapter; "
                 f"this endpoint takes {method} adapters"
             )
@@ -155,7 +148,7 @@ class AdapterRegistry:
         for attempt in range(2):
             stored = await loop.run_in_executor(self._io, self.store.get, name, version)
             if stored is None:
-                raise NotFound(f"adapter {ref!r} not found")
+                raise AdapterNotFound(f"adapter {ref!r} not found")
             adapter = self._loaded.get(stored.key)
             if adapter is not None and adapter.file_id == stored.file_id:
                 return adapter
@@ -165,7 +158,7 @@ class AdapterRegistry:
                 # Deleted between resolving and reading. "name" means the latest version:
                 # resolve again (an older one may remain); "name@version" is gone.
                 if version is not None or attempt == 1:
-                    raise NotFound(f"adapter {stored.key!r} not found (deleted)") from None
+                    raise AdapterNotFound(f"adapter {stored.key!r} not found (deleted)") from None
         raise AssertionError("unreachable")
 
     def release(self, adapter: LoadedAdapter) -> None:
@@ -210,7 +203,7 @@ class AdapterRegistry:
                 victim = next((k for k, a in self._loaded.items() if a.pins == 0), None)
                 if victim is None:
                     log.warning("device out of memory loading %s; nothing idle to evict", stored.key)
-                    raise Unavailable(
+                    raise DeviceFull(
                         f"the device has no memory left to load adapter {stored.key!r} while "
                         "the adapters in use are busy; retry shortly",
                         retry_after_s=self._retry_after_s,
@@ -221,7 +214,7 @@ class AdapterRegistry:
     def _placement(self, adapter: Adapter) -> Placement:
         placement = self.placements.get(adapter.manifest.method)
         if placement is None:
-            raise Conflict(
+            raise NoBackboneFor(
                 f"adapter {adapter.name!r} is a {adapter.manifest.method} adapter, and this "
                 f"service runs no backbone for it (it serves: {', '.join(sorted(self.placements))})"
             )

@@ -26,7 +26,6 @@ from adapters.format import check_name
 
 SUFFIX = ".safetensors"
 CLAIMED = ".claimed"
-LEGACY_HIGH_WATER = ".latest"  # stores written before claims: its number is a floor
 STALE_TEMP_S = 3600.0  # a temp file this old belongs to a writer that died
 _VERSION_FILE = re.compile(r"([1-9][0-9]{0,8})\.safetensors")
 
@@ -179,7 +178,7 @@ class AdapterStore:
             claims.mkdir(parents=True, exist_ok=True)
             taken = [int(n) for n in os.listdir(claims) if n.isdigit()]
             stored = [v.version for v in self.versions(directory.name)]
-            version = max([0, *taken, *stored, self._legacy_high_water(directory)]) + 1
+            version = max([0, *taken, *stored]) + 1
             claim = claims / str(version)
             try:
                 os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -188,13 +187,6 @@ class AdapterStore:
             except FileNotFoundError:
                 continue  # a failed first upload removed the directory: make it again
             return claim
-
-    @staticmethod
-    def _legacy_high_water(directory: Path) -> int:
-        try:
-            return int((directory / LEGACY_HIGH_WATER).read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
-            return 0
 
     @staticmethod
     def _write_synced(path: Path, data: bytes) -> None:

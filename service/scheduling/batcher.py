@@ -85,9 +85,6 @@ class BatchQueue(Generic[T, R]):
         """Items admitted and not yet taken into a batch."""
         return self._queue.qsize()
 
-    def is_overloaded(self) -> bool:
-        return self._queue.full()
-
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=self._name)

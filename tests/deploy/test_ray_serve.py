@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from service import cli
+from service.ray_options import RayOptions
 from service.settings import Settings
 from tests.adapter_files import adapter_bytes
 from tests.conftest import encode, make_image, running_app
@@ -106,7 +107,7 @@ def test_serve_ray_options_map_to_deployment_options():
         "num_gpus_per_replica": 1.0,
         "max_ongoing_requests": None,
     }
-    options = cli._ray_deployment_options(args, Settings(max_batch_size=16))
+    options = RayOptions(**args).deployment_options(Settings(max_batch_size=16))
     assert options["autoscaling_config"] == {
         "min_replicas": 1,
         "max_replicas": 4,
@@ -114,7 +115,7 @@ def test_serve_ray_options_map_to_deployment_options():
     }
     assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1.0}
     assert "num_replicas" not in options
-    fixed = cli._ray_deployment_options({**args, "max_replicas": None, "replicas": 3}, Settings())
+    fixed = RayOptions(**{**args, "max_replicas": None, "replicas": 3}).deployment_options(Settings())
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
 
 

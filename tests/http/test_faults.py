@@ -15,7 +15,7 @@ from service.registry import store as store_module
 from tests.adapter_files import adapter_bytes
 from tests.classify.test_errors import Gate, assert_error, form, still_serving
 from tests.conftest import encode, make_image, running_app
-from tests.registry.test_admin_api import TOKEN, upload
+from tests.registry.test_admin_api import TOKEN, loaded, upload
 
 
 def full_tree(root: Path) -> dict[str, bytes | None]:
@@ -167,7 +167,7 @@ async def test_device_oom_during_adapter_load_evicts_idle_adapters_and_retries(m
         assert response.status_code == 200, response.text
         assert response.json() == reference
         assert refused == ["2 loaded"]
-        assert [registry.is_loaded(k) for k in ("a@1", "b@1", "c@1")] == [False, True, True]
+        assert [await loaded(client, name) for name in ("a", "b", "c")] == [False, True, True]
         metrics = (await client.get("/metrics")).text
         assert "promptswap_adapter_load_oom_total 1.0" in metrics
 

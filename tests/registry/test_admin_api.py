@@ -191,7 +191,7 @@ async def test_device_cache_evicts_least_recently_used(admin_settings, tiny_clip
         registry = app.state.runtime.services.registry
         for name in ("a1", "a2", "a3"):
             assert (await classify(client, 0, ["x"], name)).status_code == 200
-        assert not registry.is_loaded("a1@1") and registry.is_loaded("a2@1") and registry.is_loaded("a3@1")
+        assert [await loaded(client, name) for name in ("a1", "a2", "a3")] == [False, True, True]
         assert registry.device_bytes <= 2 * one_adapter
         assert (await classify(client, 0, ["x"], "a1")).status_code == 200  # reloads from the store
         assert registry.loads == 4
@@ -380,3 +380,8 @@ def test_a_version_deleted_between_listing_and_stat_is_skipped(tmp_path, tiny_cl
 
     monkeypatch.setattr("service.registry.store.os.scandir", scandir_then_delete)
     assert [v.version for v in store.versions("race")] == [1]
+
+
+async def loaded(client, name: str) -> bool:
+    """Whether ``name``'s first version is on the device, as GET /v1/adapters/{name} says."""
+    return (await client.get(f"/v1/adapters/{name}")).json()["versions"][0]["loaded"]

@@ -48,12 +48,6 @@ def test_a_failed_write_gives_its_number_back_and_leaves_nothing(tmp_path):
     assert put(store, "fresh") == 1  # nothing was ever stored as fresh@1
 
 
-def test_a_store_written_before_claims_keeps_its_high_water_mark(tmp_path):
-    (tmp_path / "pets").mkdir()
-    (tmp_path / "pets" / ".latest").write_text("7")  # versions 1-7 existed once, all deleted
-    assert put(AdapterStore(tmp_path)) == 8
-
-
 def test_temp_files_of_dead_writers_are_removed_but_fresh_ones_kept(tmp_path):
     store = AdapterStore(tmp_path)
     dead, alive = store.tmp / "dead.part", store.tmp / "alive.part"

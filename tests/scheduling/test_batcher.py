@@ -100,7 +100,7 @@ async def test_full_queue_refuses_at_once(executor):
     await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 5)
     waiting = [asyncio.ensure_future(queue.submit(i, 30)) for i in (1, 2)]
     await asyncio.sleep(0)  # let them enqueue
-    assert queue.is_overloaded()
+    assert queue.depth == 2  # max_queue items wait: the queue is full
     with pytest.raises(QueueFull):
         await queue.submit(3, 30)
     gate.release.set()
