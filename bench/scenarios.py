@@ -1,7 +1,8 @@
 """The benchmark scenarios; each returns table rows for RESULTS.md.
 
 (a) classify zero-shot / one adapter, (b) 100 adapters drawn uniformly, (c) adapter
-churn past the device cache, (d) hot swap under load, (e) chat (hook, not built yet).
+churn past the device cache, (d) hot swap under load, (e) chat: a row pointing to bench/chat.py,
+which measures chat on its own.
 Servers run one at a time: this is a 2-core machine.
 """
 

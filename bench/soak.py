@@ -12,8 +12,9 @@ happening), then, from loopback clients only:
 
 Every classify answer is checked against logits computed in-process with
 ``adapters.prompted_clip`` on the same checkpoint (abs tolerance 1e-4) for the content
-the answered ``name@version`` held. Versions are reused after deletes, so the checker
-keeps each key's history as intervals, with loose bounds (an upload may take effect from
+the answered ``name@version`` held. A version number is never reused (not even after its
+delete), but ``name`` means whichever version is latest, so the checker keeps each key's
+history as intervals, with loose bounds (an upload may take effect from
 the moment it is sent; a delete until its answer arrives): an answer is *wrong* if it
 matches no content the key could have had while the request was in flight, and a 404 is
 *wrong* only if the adapter certainly existed the whole time the request was in flight.
@@ -515,8 +516,8 @@ def print_report(args, argv, stats: Stats, samples, wall, metric_totals, alive, 
         print(f"| {op} | {status} | {n} |")
     live = sum(len(v) for v in world.current.values())
     print(
-        f"\nAdapter keys created: {len(world.ever)} distinct (`name@version`, versions reused after "
-        f"deletes: {sum(len(v) for v in world.lives.values())} contents), live at the end: {live}. "
+        f"\nAdapter keys created: {len(world.ever)} distinct (`name@version`, never reused; "
+        f"{sum(len(v) for v in world.lives.values())} contents), live at the end: {live}. "
         f"Server metrics: adapter loads {metric_totals.get('promptswap_adapter_loads_total', 0):.0f}, "
         f"evictions {metric_totals.get('promptswap_adapter_evictions_total', 0):.0f}.\n"
     )
