@@ -6,25 +6,21 @@ import asyncio
 from pathlib import Path
 
 import httpx
-import torch
-from transformers import CLIPConfig
 
-from adapters.format import dump
-from adapters.maple import FoldedMaple, clip_fingerprint
+import fixtures.adapters
 
 N_CTX, DEPTH = 2, 9  # MaPLe's published defaults
 
 
 def adapter_bytes(model_dir: Path, name: str, seed: int) -> bytes:
-    config = CLIPConfig.from_pretrained(model_dir)
-    g = torch.Generator().manual_seed(seed)
     # Scaled like token embeddings, so prompted forwards see realistic magnitudes.
-    text = 0.02 * torch.randn(DEPTH, N_CTX, config.text_config.hidden_size, generator=g)
-    vision = 0.02 * torch.randn(DEPTH, N_CTX, config.vision_config.hidden_size, generator=g)
-    return dump(
-        FoldedMaple(text, vision),
-        name=name,
-        backbone=clip_fingerprint(config),
+    return fixtures.adapters.adapter_bytes(
+        model_dir,
+        name,
+        seed,
+        n_ctx=N_CTX,
+        depth=DEPTH,
+        scale=0.02,
         hyperparameters={"template": "a photo of a {}."},
     )
 

@@ -66,7 +66,7 @@ def ensure_model(arch: str) -> Path:
     directory = model_dir(arch)
     if (directory / "model.safetensors").exists():  # written last, by an atomic rename
         return directory
-    from tests.tiny_models import clip_tokenizer  # CLIP's real BPE vocabulary, no hub
+    from fixtures.tiny_models import clip_tokenizer  # CLIP's real BPE vocabulary, no hub
 
     torch.manual_seed(0)
     model = CLIPModel(clip_config(ARCHS[arch])).eval()

@@ -2,7 +2,7 @@
 
     python -m bench.overload [--seconds 60] [--clients 64] [--max-queue 8]
 
-Starts ``python -m service serve`` on the tiny random CLIP (tests.tiny_models) with a
+Starts ``python -m service serve`` on the tiny random CLIP (fixtures.tiny_models) with a
 small ``--max-queue`` and ``--max-batch-size``, drives it from ``--clients`` closed-loop
 loopback clients for a bounded time (a refused client retries at once: the worst case),
 then stops the load and sends sequential probes. Reports the share of 429/503 refusals
@@ -20,7 +20,7 @@ from collections import Counter
 
 import httpx
 
-from tests.conftest import encode, make_image
+from fixtures.images import encode, make_image
 
 from . import servers
 from .loadgen import check_loopback

@@ -98,15 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from fixtures.adapters import adapter_bytes
+    from fixtures.images import encode, make_image
     from service.ray_serve import APP_NAME, make_app
     from service.settings import Settings
-    from tests.adapter_files import adapter_bytes
-    from tests.conftest import encode, make_image
 
     work = Path(tempfile.mkdtemp(prefix="ray-scale-"))
     clip_dir = Path(args.clip_model) if args.clip_model else None
     if clip_dir is None:
-        from tests.tiny_models import save_tiny_clip
+        from fixtures.tiny_models import save_tiny_clip
 
         clip_dir = save_tiny_clip(work / "tiny-clip")
     cores = os.cpu_count() or 2

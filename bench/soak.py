@@ -2,7 +2,7 @@
 
     python -m bench.soak [--seconds 120] [--clients 6] [--cache-bytes 12000]
 
-Starts ``python -m service serve`` on a tiny random CLIP (tests.tiny_models) with the
+Starts ``python -m service serve`` on a tiny random CLIP (fixtures.tiny_models) with the
 admin API on and a small ``--adapter-cache-bytes`` (so loads and evictions keep
 happening), then, from loopback clients only:
 
@@ -41,9 +41,9 @@ import torch
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
 from adapters.prompted_clip import encode_image, encode_text
-from tests.adapter_files import adapter_bytes, random_folded
-from tests.conftest import encode, make_image
-from tests.tiny_models import save_tiny_clip
+from fixtures.adapters import adapter_bytes, random_folded
+from fixtures.images import encode, make_image
+from fixtures.tiny_models import save_tiny_clip
 
 from . import servers
 from .loadgen import check_loopback

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 from httpx import ASGITransport, AsyncClient
-from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from fixtures.images import encode, make_image  # noqa: E402, F401 - re-exported to the tests
+from fixtures.tiny_models import save_tiny_clip  # noqa: E402
 from service.main import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from tests.tiny_models import save_tiny_clip  # noqa: E402
 
 
 @pytest.fixture
@@ -36,22 +34,6 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
-
-
-def make_image(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
-    """A structured random RGB picture: gradients plus blobs, different per seed."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    channels = [np.sin(x * rng.uniform(2, 12) + y * rng.uniform(2, 12) + rng.uniform(0, 6)) for _ in range(3)]
-    pixels = (np.stack(channels, -1) * 0.5 + 0.5) * 200 + rng.uniform(0, 55, (h, w, 3))
-    return Image.fromarray(pixels.clip(0, 255).astype("uint8"))
-
-
-def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -89,6 +89,7 @@ def wait_ready(proc: subprocess.Popen, url: str, limit_s: float = 120) -> None:
     raise AssertionError("server did not become ready")
 
 
+@pytest.mark.slow  # a real process: 9-17 s
 def test_real_server_classifies_and_stops_cleanly(tiny_clip_dir: Path):
     port = free_port()
     proc = serve(
@@ -115,6 +116,7 @@ def test_real_server_classifies_and_stops_cleanly(tiny_clip_dir: Path):
     assert "Application shutdown complete" in output
 
 
+@pytest.mark.slow  # a real process: 9-17 s
 def test_not_a_clip_checkpoint_fails_at_start_up(tmp_path: Path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     proc = serve(["--clip-model", str(tmp_path), "--port", str(free_port()), "--device", "cpu"])
@@ -124,8 +126,8 @@ def test_not_a_clip_checkpoint_fails_at_start_up(tmp_path: Path):
 
 
 def test_adapters_subcommands_run_through_promptswap(tmp_path: Path, tiny_clip_dir: Path, capsys):
+    from fixtures.adapters import adapter_bytes
     from service.cli import main
-    from tests.adapter_files import adapter_bytes
 
     path = tmp_path / "pets.safetensors"
     path.write_bytes(adapter_bytes(tiny_clip_dir, "pets"))

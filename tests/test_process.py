@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.adapter_files import adapter_bytes
+from fixtures.adapters import adapter_bytes
 from tests.conftest import encode, make_image
 from tests.test_cli import free_port, serve, wait_ready
 
@@ -59,6 +60,7 @@ def wait_refused(port: int, limit_s: float = 60) -> None:
     raise AssertionError("the server still accepts connections after SIGTERM")
 
 
+@pytest.mark.slow  # a real process: 9-17 s
 def test_real_server_keeps_its_secrets_and_drains_on_sigterm(tiny_clip_dir: Path, tmp_path: Path):
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text(f"# keys\n{KEYS[0]}\n{KEYS[1]}\n")

@@ -8,22 +8,15 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
+from fixtures.tiny_models import tiny_clip_config as shared_tiny_clip_config
+
 
 def tiny_clip_config(text_layers: int = 4, vision_layers: int = 4) -> CLIPConfig:
-    # initializer_factor 3.0 everywhere: at 1.0 a tiny random CLIP maps all images alike.
-    return CLIPConfig(
-        text_config=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
-            vocab_size=1000, max_position_embeddings=77, eos_token_id=999, bos_token_id=998,
-            pad_token_id=999, initializer_factor=3.0,
-        ),
-        vision_config=dict(
-            hidden_size=96, intermediate_size=192, num_hidden_layers=vision_layers, num_attention_heads=4,
-            image_size=64, patch_size=16, initializer_factor=3.0,
-        ),
-        projection_dim=48,
-        initializer_factor=3.0,
-    )  # fmt: skip
+    """The shared tiny CLIP (fixtures.tiny_models), with a small vocabulary and 64-pixel
+    images: the adapter tests tokenize nothing and want fast forwards."""
+    return shared_tiny_clip_config(
+        vocab_size=1000, image_size=64, patch_size=16, text_layers=text_layers, vision_layers=vision_layers
+    )
 
 
 @pytest.fixture(scope="session")

@@ -270,7 +270,7 @@ async def test_two_images_and_prompt_over_context_are_400(chat_client):
 
 
 async def test_maple_adapter_on_chat_is_422(chat_settings, tiny_clip_dir):
-    from tests.adapter_files import adapter_bytes
+    from fixtures.adapters import adapter_bytes
 
     async with running_app(chat_settings(admin_token="t")) as (client, _):
         up = await client.post(

@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from service.settings import Settings
-from tests.adapter_files import adapter_bytes
+from fixtures.adapters import adapter_bytes
 from tests.conftest import encode, make_image
 
 pytestmark = pytest.mark.cluster

@@ -31,7 +31,7 @@ import yaml
 from service import cli
 from service.ray_options import RayOptions
 from service.settings import Settings
-from tests.adapter_files import adapter_bytes
+from fixtures.adapters import adapter_bytes
 from tests.conftest import encode, make_image, running_app
 from tests.test_cli import wait_ready
 
@@ -263,6 +263,25 @@ def replica_actor_name(replica: str) -> str:
     return f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{replica.rsplit(':', 1)[1]}"
 
 
+def advertisers(model_id: str) -> set[str]:
+    """The replicas (X-Promptswap-Replica values) that Serve's controller records as
+    serving multiplexed ``model_id``: what the routers learn from it."""
+    import ray
+    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    from service.ray_serve import APP_NAME, DEPLOYMENT_NAME, replica_name
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    deployment = DeploymentID(name=DEPLOYMENT_NAME, app_name=APP_NAME)
+    replicas = ray.get(controller._dump_replica_states_for_testing.remote(deployment)).get()
+    return {
+        replica_name(DEPLOYMENT_NAME, r.replica_id.unique_id)
+        for r in replicas
+        if model_id in r.multiplexed_model_ids
+    }
+
+
 def classify(
     url: str,
     seed: int,
@@ -363,17 +382,17 @@ def test_adapter_requests_stay_on_one_replica_and_headerless_spread(ray_cluster:
 
     homes: dict[str, Counter[str]] = {}
     for name in ("pets", "cars"):
-        # The replica reports the id at once, the router learns it from the controller a
-        # moment later (Serve pushes every 0.1 s): until then a request could pick the
-        # other replica. Nothing observable marks the moment, so warm up until 5 requests
-        # in a row land on one replica (bounded), then count.
-        streak: list[str] = []
+        # The first request's replica reports the id to Serve's controller, which pushes it
+        # to the routers: wait until the controller records it (on that replica alone)
+        # before counting, instead of guessing from a streak of answers.
+        first = classify(url, 0, adapter=name, header=name)
+        assert first.status_code == 200, first.text
+        home = first.headers[REPLICA_HEADER]
         give_up = time.monotonic() + 30
-        while len(streak) < 5 or len(set(streak[-5:])) > 1:
-            assert time.monotonic() < give_up, f"{name}'s requests never settled: {streak}"
-            r = classify(url, 0, adapter=name, header=name)
-            assert r.status_code == 200, r.text
-            streak.append(r.headers[REPLICA_HEADER])
+        while (serving := advertisers(name)) != {home}:
+            assert home in serving or not serving, f"{name} is advertised by {serving}, not {home}"
+            assert time.monotonic() < give_up, f"the controller never recorded {name} on {home}"
+            time.sleep(0.05)  # polling an observable condition, bounded by give_up
         homes[name] = Counter(
             classify(url, seed, adapter=name, header=name).headers[REPLICA_HEADER] for seed in range(12)
         )

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.adapters import adapter_bytes
 from service.cli import main as cli_main
 from service.http import middleware
 from service.main import create_app
-from tests.adapter_files import adapter_bytes
 from tests.classify.test_errors import assert_error
 from tests.conftest import encode, make_image, running_app
 from tests.registry.test_admin_api import TOKEN, upload

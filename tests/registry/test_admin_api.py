@@ -11,9 +11,9 @@ import torch
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
 from adapters.prompted_clip import encode_image, encode_text
-from tests.adapter_files import adapter_bytes, nan_adapter_bytes
+from fixtures.adapters import adapter_bytes, nan_adapter_bytes
+from fixtures.tiny_models import tiny_clip_config
 from tests.conftest import encode, make_image, running_app
-from tests.tiny_models import tiny_clip_config
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -116,7 +116,7 @@ async def test_upload_classify_version_hot_swap_delete(admin_settings, tiny_clip
 async def test_adapter_logits_equal_the_prompted_model(admin_settings, tiny_clip_dir):
     """The served adapter computes what adapters.prompted_clip computes in-process (which
     tests/adapters/test_maple_reference.py holds to the reference method)."""
-    from tests.adapter_files import random_folded
+    from fixtures.adapters import random_folded
 
     labels = ["tabby cat", "golden retriever", "boat"]
     async with running_app(admin_settings()) as (client, _):

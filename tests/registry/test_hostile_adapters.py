@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from adapters.format import METADATA_KEY
-from tests.adapter_files import adapter_bytes
+from fixtures.adapters import adapter_bytes
 from tests.classify.test_errors import assert_error
 from tests.conftest import encode, make_image, running_app
 from tests.registry.test_admin_api import AUTH, TOKEN, store_snapshot, upload
