@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from httpx import ASGITransport, AsyncClient
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,4 +72,23 @@ async def running_app(settings: Settings) -> AsyncIterator[tuple[AsyncClient, ob
 @pytest.fixture
 async def client(make_settings: Callable[..., Settings]) -> AsyncIterator[AsyncClient]:
     async with running_app(make_settings()) as (client, _):
+        yield client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_client(
+    tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[AsyncClient]:
+    """One app for a whole module whose tests leave no state behind (its start-up is most of
+    a test's time). The module runs its tests in one loop to share it:
+    ``pytestmark = pytest.mark.asyncio(loop_scope="module")`` and a ``client`` fixture
+    returning this one."""
+    settings = Settings(
+        clip_model=str(tiny_clip_dir),
+        device="cpu",
+        dtype="float32",
+        max_wait_ms=2.0,
+        adapter_dir=tmp_path_factory.mktemp("adapters"),
+    )
+    async with running_app(settings) as (client, _):
         yield client

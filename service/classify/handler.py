@@ -32,9 +32,14 @@ class FoldedPrompts(Protocol):
 class PromptAdapter(Protocol):
     """What the handler needs of a loaded MaPLe adapter (see service.registry)."""
 
-    key: str  # "name@version"
-    uid: str  # key and content: text embeddings are cached under it
-    folded: FoldedPrompts
+    @property
+    def key(self) -> str: ...  # "name@version"
+
+    @property
+    def uid(self) -> str: ...  # key and content: text embeddings are cached under it
+
+    @property
+    def folded(self) -> FoldedPrompts: ...
 
 
 @dataclass

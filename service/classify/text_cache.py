@@ -8,7 +8,7 @@ replaced file is ever served; ``drop_adapter`` frees them when a version is dele
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -29,7 +29,7 @@ class TextCache:
         on_miss: Callable[[int], None] | None = None,
     ) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[TextKey, torch.Tensor] = OrderedDict()
         self._on_hit = on_hit or (lambda n: None)
         self._on_miss = on_miss or (lambda n: None)
 
@@ -64,6 +64,6 @@ class TextCache:
         content; returns how many. Entries a racing batch adds later carry the old content's
         uid, so they are never served for a new file under the same key."""
         stale = [k for k in self._entries if k.adapter.partition("#")[0] == key]
-        for key in stale:
-            del self._entries[key]
+        for entry in stale:
+            del self._entries[entry]
         return len(stale)

@@ -13,8 +13,9 @@ from httpx import ASGITransport, AsyncClient
 from fixtures.adapters import adapter_bytes
 from service.backbones.clip import ClipBackbone
 from service.registry import store as store_module
-from tests.classify.test_errors import Gate, assert_error, form, still_serving
+from tests.classify.test_errors import assert_error, form, still_serving
 from tests.conftest import encode, make_image, running_app
+from tests.http.test_overload import Gate
 from tests.registry.test_admin_api import TOKEN, loaded, upload
 
 

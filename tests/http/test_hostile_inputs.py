@@ -11,7 +11,6 @@ import zlib
 
 import numpy as np
 import pytest
-import pytest_asyncio
 from PIL import Image, ImageFile
 from transformers.image_utils import load_image
 
@@ -24,17 +23,9 @@ LABELS = ["cat", "dog", "boat"]
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def client(tiny_clip_dir, tmp_path_factory):
-    settings = Settings(
-        clip_model=str(tiny_clip_dir),
-        device="cpu",
-        dtype="float32",
-        max_wait_ms=2.0,
-        adapter_dir=tmp_path_factory.mktemp("adapters"),
-    )
-    async with running_app(settings) as (client, _):
-        yield client
+@pytest.fixture(scope="module")
+def client(module_client):
+    return module_client
 
 
 def logits(response) -> dict[str, float]:
