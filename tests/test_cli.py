@@ -1,9 +1,9 @@
-"""The ``promptswap`` command as a user runs it: options, environment, a real server."""
+"""The ``promptswap`` command as a user runs it: options and environment; how tests start a
+real server (the real process itself: tests/test_process.py)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +16,6 @@ import pytest
 
 from service.cli import build_parser
 from service.settings import Settings
-from tests.conftest import encode, make_image
 
 SERVE_OPTIONS = [
     "--clip-model",
@@ -87,42 +86,6 @@ def wait_ready(proc: subprocess.Popen, url: str, limit_s: float = 120) -> None:
             pass
         time.sleep(0.2)  # polling a child process's readiness, not a timing assertion
     raise AssertionError("server did not become ready")
-
-
-@pytest.mark.slow  # a real process: 9-17 s
-def test_real_server_classifies_and_stops_cleanly(tiny_clip_dir: Path):
-    port = free_port()
-    proc = serve(
-        ["--clip-model", str(tiny_clip_dir), "--port", str(port), "--device", "cpu"],
-        env={"PROMPTSWAP_MAX_LABELS": "2"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url)
-        image = encode(make_image(0))
-        ok = httpx.post(
-            f"{url}/v1/classify", files={"image": ("i.png", image)}, data={"labels": ["cat", "dog"]}
-        )
-        assert ok.status_code == 200 and ok.json()["labels"][0]["label"] in {"cat", "dog"}
-        too_many = httpx.post(
-            f"{url}/v1/classify", files={"image": ("i.png", image)}, data={"labels": ["a", "b", "c"]}
-        )
-        assert too_many.status_code == 422  # PROMPTSWAP_MAX_LABELS reached the server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=60)
-    # uvicorn re-raises the SIGTERM after a graceful shutdown, so the status says so.
-    assert proc.returncode in (0, -signal.SIGTERM), output
-    assert "Application shutdown complete" in output
-
-
-@pytest.mark.slow  # a real process: 9-17 s
-def test_not_a_clip_checkpoint_fails_at_start_up(tmp_path: Path):
-    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    proc = serve(["--clip-model", str(tmp_path), "--port", str(free_port()), "--device", "cpu"])
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    assert "not a CLIP checkpoint" in output
 
 
 def test_adapters_subcommands_run_through_promptswap(tmp_path: Path, tiny_clip_dir: Path, capsys):

@@ -1,5 +1,6 @@
-"""A real ``python -m service serve`` process: secrets never reach its output, and
-SIGTERM lets in-flight requests finish, refuses new connections, and exits cleanly."""
+"""A real ``python -m service serve`` process: it classifies, stops cleanly and fails clearly
+at start-up; secrets never reach its output; SIGTERM lets in-flight requests finish,
+refuses new connections, and exits cleanly."""
 
 from __future__ import annotations
 
@@ -141,3 +142,39 @@ def test_real_server_keeps_its_secrets_and_drains_on_sigterm(tiny_clip_dir: Path
     assert "401" in output and "DEBUG" in output  # the log saw the refusals, at full detail
     assert TOKEN not in output
     assert all(key not in output for key in KEYS)
+
+
+@pytest.mark.slow  # a real process: 9-17 s
+def test_real_server_classifies_and_stops_cleanly(tiny_clip_dir: Path):
+    port = free_port()
+    proc = serve(
+        ["--clip-model", str(tiny_clip_dir), "--port", str(port), "--device", "cpu"],
+        env={"PROMPTSWAP_MAX_LABELS": "2"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url)
+        image = encode(make_image(0))
+        ok = httpx.post(
+            f"{url}/v1/classify", files={"image": ("i.png", image)}, data={"labels": ["cat", "dog"]}
+        )
+        assert ok.status_code == 200 and ok.json()["labels"][0]["label"] in {"cat", "dog"}
+        too_many = httpx.post(
+            f"{url}/v1/classify", files={"image": ("i.png", image)}, data={"labels": ["a", "b", "c"]}
+        )
+        assert too_many.status_code == 422  # PROMPTSWAP_MAX_LABELS reached the server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    # uvicorn re-raises the SIGTERM after a graceful shutdown, so the status says so.
+    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+
+
+@pytest.mark.slow  # a real process: 9-17 s
+def test_not_a_clip_checkpoint_fails_at_start_up(tmp_path: Path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    proc = serve(["--clip-model", str(tmp_path), "--port", str(free_port()), "--device", "cpu"])
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "not a CLIP checkpoint" in output
