@@ -59,6 +59,11 @@ class ClassifyResult:
     logits: list[float]  # in the order of the item's labels
 
 
+def _prompts(adapter: PromptAdapter | None) -> FoldedPrompts:
+    assert adapter is not None, "a row with a prompt shape has an adapter"
+    return adapter.folded
+
+
 def _prompt_shape(adapter: PromptAdapter | None) -> tuple[int, ...] | None:
     """Rows whose prompts have one shape (depth, n_ctx) share a forward."""
     return None if adapter is None else tuple(adapter.folded.vision.shape[:2])
@@ -119,7 +124,7 @@ class ClassifyHandler:
                 chunk = keys[start : start + TEXT_CHUNK]
                 prompts = None
                 if shape is not None:
-                    prompts = torch.stack([adapter_of[k.adapter].folded.text for k in chunk])
+                    prompts = torch.stack([_prompts(adapter_of[k.adapter]).text for k in chunk])
                 feats = self.backbone.text_features(
                     [k.template.replace("{}", k.label) for k in chunk], prompts
                 )
@@ -169,7 +174,7 @@ class ClassifyHandler:
             pixels = torch.stack([items[i].pixels for i in rows])  # (B, 3, H, W)
             prompts = None
             if shape is not None:
-                prompts = torch.stack([items[i].adapter.folded.vision for i in rows])
+                prompts = torch.stack([_prompts(items[i].adapter).vision for i in rows])
             feats = self.backbone.image_features(pixels, prompts)  # (B, P)
             for i, feat in zip(rows, feats, strict=False):
                 out[i] = feat

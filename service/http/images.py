@@ -39,8 +39,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animated GIF/WebP: the first frame
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_8bit(image).convert("RGB")
+            upright = ImageOps.exif_transpose(image)
+            return _to_8bit(upright).convert("RGB")
     except (PayloadTooLarge, InvalidImage):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
