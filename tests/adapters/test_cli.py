@@ -120,6 +120,7 @@ def test_validate(
     assert "vision_layers expected 6, got 4" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a real process: about 10 s
 def test_runs_as_a_module(adapter_file: Path, clip_config_dir: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     cmd = [

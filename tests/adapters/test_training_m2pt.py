@@ -161,6 +161,7 @@ def test_bad_jsonl_is_rejected(tmp_path: Path) -> None:
         read_examples(data)
 
 
+@pytest.mark.slow  # a real process training: about 45 s
 def test_cli_train_m2pt(sharp_llava: Path, instructions: Path, tmp_path: Path) -> None:
     out = tmp_path / "Cat-Answers.safetensors"
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
