@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from service import __version__
 from service.chat import routes as chat_routes
 from service.classify import routes as classify_routes
+from service.embeddings import routes as embeddings_routes
 from service.errors import install_error_handlers
 from service.http import ops
 from service.http.middleware import (
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(classify_routes.router)
+    app.include_router(embeddings_routes.router)
     app.include_router(chat_routes.router)
     app.include_router(ops.router)
     app.include_router(admin.router)

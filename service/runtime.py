@@ -22,6 +22,8 @@ from service.chat.service import ChatService
 from service.classify.handler import ClassifyHandler, ClassifyItem, ClassifyResult
 from service.classify.service import ClassifyService
 from service.classify.text_cache import TextCache
+from service.embeddings.handler import EmbeddingsHandler, EmbedItem
+from service.embeddings.service import EmbeddingsService
 from service.http.admission import ArrivalGate, Lane
 from service.metrics import Metrics
 from service.registry.adapter_registry import AdapterRegistry
@@ -40,6 +42,7 @@ class Services:
     registry: AdapterRegistry
     classify: ClassifyService | None
     chat: ChatService | None
+    embeddings: EmbeddingsService | None = None
 
 
 class Runtime:
@@ -59,6 +62,7 @@ class Runtime:
         self.load_error: str | None = None
         self._classify_queue: BatchQueue[ClassifyItem, ClassifyResult] | None = None
         self._chat_engine: GenerationEngine | None = None
+        self._embeddings_queue: BatchQueue[EmbedItem, torch.Tensor] | None = None
         self._settled = asyncio.Event()  # loading finished, well or not
         self._load_task: asyncio.Task[None] | None = None
 
@@ -121,35 +125,53 @@ class Runtime:
         )
         classify = self._classify(clip, registry) if clip is not None else None
         chat = self._chat(llava, registry) if llava is not None else None
-        return Services(registry, classify, chat)
+        embeddings = self._embeddings(classify, registry) if classify is not None else None
+        return Services(registry, classify, chat, embeddings)
 
     def _lane(self, name: str, gate: ArrivalGate, busy_retry_after_s: int) -> Lane:
         return Lane(name, gate, self.metrics, busy_retry_after_s, self.settings.retry_after_unavailable_s)
 
-    def _classify(self, clip: ClipBackbone, registry: AdapterRegistry) -> ClassifyService:
+    def _batch_queue(self, name: str, handler: Callable) -> BatchQueue:
+        """A started scheduler queue on the model thread, observed under ``name``."""
         s, m = self.settings, self.metrics
-        handler = ClassifyHandler(clip, self.text_cache)
 
         def observe(stats: BatchStats) -> None:
-            m.batch_size.labels("classify").observe(stats.size)
-            m.inference.labels("classify").observe(stats.run_s)
+            m.batch_size.labels(name).observe(stats.size)
+            m.inference.labels(name).observe(stats.run_s)
             for wait in stats.queue_wait_s:
-                m.queue_wait.labels("classify").observe(wait)
+                m.queue_wait.labels(name).observe(wait)
 
-        queue: BatchQueue[ClassifyItem, ClassifyResult] = BatchQueue(
+        queue: BatchQueue = BatchQueue(
             handler,
             executor=self.model_executor,
             max_batch_size=s.max_batch_size,
             max_wait_s=s.max_wait_ms / 1000,
             max_queue=s.max_queue,
             on_batch=observe,
-            name="classify",
+            name=name,
         )
-        m.queue_depth.labels("classify").set_function(lambda: queue.depth)
+        m.queue_depth.labels(name).set_function(lambda: queue.depth)
         queue.start()
+        return queue
+
+    def _classify(self, clip: ClipBackbone, registry: AdapterRegistry) -> ClassifyService:
+        s = self.settings
+        handler = ClassifyHandler(clip, self.text_cache)
+        queue: BatchQueue[ClassifyItem, ClassifyResult] = self._batch_queue("classify", handler)
         self._classify_queue = queue
         lane = self._lane("classify", ArrivalGate(s.max_queue, lambda: queue.depth), s.retry_after_busy_s)
         return ClassifyService(clip, handler, queue, lane, registry, s, self.decode_pool)
+
+    def _embeddings(self, classify: ClassifyService, registry: AdapterRegistry) -> EmbeddingsService:
+        """Embeddings share CLIP, the classify handler's paths and its text cache, in a queue of
+        their own (one row per input: a request's rows are many, a classify request's one)."""
+        s = self.settings
+        queue: BatchQueue[EmbedItem, torch.Tensor] = self._batch_queue(
+            "embeddings", EmbeddingsHandler(classify.handler)
+        )
+        self._embeddings_queue = queue
+        lane = self._lane("embeddings", ArrivalGate(s.max_queue, lambda: queue.depth), s.retry_after_busy_s)
+        return EmbeddingsService(classify.clip, queue, lane, registry, s, self.decode_pool)
 
     def _chat(self, llava: LlavaBackbone, registry: AdapterRegistry) -> ChatService:
         s, m = self.settings, self.metrics
@@ -178,6 +200,8 @@ class Runtime:
             self._load_task.cancel()
         if self._classify_queue is not None:
             await self._classify_queue.stop(drain=True)
+        if self._embeddings_queue is not None:
+            await self._embeddings_queue.stop(drain=True)
         if self._chat_engine is not None:
             await self._chat_engine.stop(drain=True)
         self.model_executor.shutdown(wait=True, cancel_futures=True)

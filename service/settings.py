@@ -141,6 +141,14 @@ class Settings(BaseSettings):
         "no LLaVA backbone): other replicas may.",
     )
 
+    # Embeddings
+    max_embedding_inputs: int = Field(
+        256, ge=1, description="Most strings in one /v1/embeddings input (422); each is a queue row."
+    )
+    max_embedding_text_chars: int = Field(
+        4000, ge=1, description="Longest /v1/embeddings text in characters (422), before tokenizing."
+    )
+
     @field_validator("api_keys_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:

@@ -99,6 +99,21 @@ class ClassifyHandler:
             results.append(ClassifyResult(logits.tolist()))
         return results
 
+    def text_embeddings(
+        self, keys: list[TextKey], adapter_of: dict[str, PromptAdapter | None]
+    ) -> tuple[dict[TextKey, torch.Tensor], dict[TextKey, BaseException]]:
+        """Embeddings of ``keys`` from the cache or computed once, and the keys that failed;
+        ``adapter_of`` maps each key's adapter uid to its adapter (the embeddings route's path)."""
+        features, missing = self.cache.lookup(keys)
+        return features, self._compute_text(missing, adapter_of, features)
+
+    def image_embeddings(
+        self, pixels: list[torch.Tensor], adapters: list[PromptAdapter | None]
+    ) -> list[torch.Tensor]:
+        """Image embeddings of rows ``pixels`` (3, H, W), each through its own adapter's prompts."""
+        rows = [ClassifyItem(p, [], "", a) for p, a in zip(pixels, adapters, strict=True)]
+        return self._image_features(rows)
+
     def _compute_text(
         self,
         missing: list[TextKey],

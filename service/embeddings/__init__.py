@@ -1,0 +1,1 @@
+"""POST /v1/embeddings: CLIP image and text embeddings, zero-shot or through a prompt adapter."""
