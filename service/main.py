@@ -26,6 +26,9 @@ from service.metrics import Metrics
 from service.registry import admin
 from service.runtime import Runtime
 from service.settings import Settings
+from service.ui import routes as ui_routes
+
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
 def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
@@ -62,6 +65,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(chat_routes.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
+    if settings.ui == "on":
+        app.include_router(ui_routes.router)
     # Outermost last: metrics see every answer, including the body bound's 413.
     app.add_middleware(
         BodyLimitMiddleware,
@@ -70,7 +75,9 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
         large_max_bytes=settings.max_adapter_bytes + 2**20,  # room for the multipart framing
     )
     if api_keys is not None:  # before the body is read; inside metrics, so 401s are counted
-        app.add_middleware(ApiKeyMiddleware, keys=api_keys)
+        # The playground page holds no secret: it asks for the caller's key and sends it itself.
+        page = ui_routes.PUBLIC_PATHS if settings.ui == "on" else ()
+        app.add_middleware(ApiKeyMiddleware, keys=api_keys, open_paths=(*OPEN_PATHS, *page))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(ReplicaHeaderMiddleware, replica_id=replica_id(settings))
     return app

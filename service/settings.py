@@ -149,6 +149,11 @@ class Settings(BaseSettings):
         4000, ge=1, description="Longest /v1/embeddings text in characters (422), before tokenizing."
     )
 
+    ui: Literal["on", "off"] = Field(
+        "on",
+        description="The playground page at / (classify, chat, adapters in a browser); 'off' removes it.",
+    )
+
     @field_validator("api_keys_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:
