@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     decode_threads: int = Field(
         min(4, os.cpu_count() or 1), ge=1, le=64, description="Threads decoding images."
     )
+    jpeg_draft: bool = Field(
+        False,
+        description="Decode JPEGs at libjpeg's smallest DCT scale (1/2, 1/4, 1/8) that keeps the "
+        "model's input size: faster for large photos, but changes pixels and so logits slightly "
+        "(README: reduced-size JPEG decode). Off: logits equal transformers'.",
+    )
 
     chat_max_batch_size: int = Field(
         16, ge=1, le=1024, description="Chat requests decoded together (joining between steps)."

@@ -49,6 +49,14 @@ class ClipBackbone:
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().float().exp().cpu()
 
+    @property
+    def draft_min_side(self) -> int:
+        """The short side a reduced-size JPEG decode must keep: the processor's resize target."""
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        side = size.get("shortest_edge") or max(size.get("height") or 0, size.get("width") or 0)
+        vision_config: Any = self.model.config.vision_config
+        return int(side or vision_config.image_size)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """(3, H, W) float32 pixels on the CPU, exactly as the checkpoint's processor makes them."""
         if self.exact_pixels is not None and self.exact_pixels.accepts(image):

@@ -53,9 +53,12 @@ class ClassifyService:
             # An adapter is used with the template it was trained with unless told otherwise.
             template = call.template or (adapter.template if adapter else None) or DEFAULT_TEMPLATE
             clip = self.clip
+            draft = clip.draft_min_side if s.jpeg_draft else None  # opt-in: changes pixels
             pixels = await asyncio.get_running_loop().run_in_executor(
                 self.decode_pool,
-                lambda: clip.preprocess(decode_image(call.image, max_pixels=s.max_image_pixels)),
+                lambda: clip.preprocess(
+                    decode_image(call.image, max_pixels=s.max_image_pixels, draft_min_side=draft)
+                ),
             )
             place.release()  # queued from here on: the queue's bound counts it
             with self.lane.refusals():

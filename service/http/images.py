@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import warnings
 
 import numpy as np
@@ -19,8 +20,14 @@ from service.errors import InvalidImage, PayloadTooLarge
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into an RGB image, orientation applied as transformers' loader does."""
+def decode_image(data: bytes, *, max_pixels: int, draft_min_side: int | None = None) -> Image.Image:
+    """Decode ``data`` into an RGB image, orientation applied as transformers' loader does.
+
+    ``draft_min_side`` (opt-in, changes pixels): a JPEG is decoded at the smallest of
+    libjpeg's DCT scales (1/2, 1/4, 1/8) whose short side is still at least that many
+    pixels, so the resize that follows starts from fewer pixels; other formats are
+    unaffected. Bounds are checked on the full size first.
+    """
     if not data:
         raise InvalidImage("the image is empty")
     try:
@@ -38,6 +45,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
                 )
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animated GIF/WebP: the first frame
+            if draft_min_side is not None and image.format == "JPEG":
+                _draft(image, draft_min_side)
             image.load()
             upright = ImageOps.exif_transpose(image)
             return _to_8bit(upright).convert("RGB")
@@ -49,6 +58,13 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise InvalidImage("the file is not an image in a supported format") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidImage(f"the image could not be decoded: {exc}") from None
+
+
+def _draft(image: Image.Image, min_side: int) -> None:
+    width, height = image.size
+    scale = min_side / min(width, height)
+    if scale < 1:  # Pillow picks the coarsest scale that still covers the requested size
+        image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

@@ -1,0 +1,413 @@
+"""Host cost per classify request (issue 16): promptswap against the best simple design
+(``bench/baseline_app.py``), side by side in one run, plus a py-spy breakdown by stage.
+
+Tiny CLIP (model cost negligible: what the host costs) and, with ``--b32``, the
+ViT-B/32-shaped model at float32 and bfloat16 against the same baseline and the raw
+image encoder in-process. JSON bodies (base64 640x480 JPEG photos, 10 labels), 16
+closed-loop clients. Core-ms per request is the server process's user + system CPU
+time (all its threads, from /proc) over the measured requests, divided by their number.
+
+    python -m bench.host_cost [--requests 400] [--rounds 2] [--b32] [--profile]
+
+Writes its section of bench/RESULTS.md (between the host-cost markers) and
+bench/out/host_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import servers
+from .loadgen import run_load
+from .models import MODELS_DIR, OUT, ensure_model
+from .payloads import LABELS_10, Body, photos
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BEGIN, END = "<!-- host-cost: begin (bench/host_cost.py) -->", "<!-- host-cost: end -->"
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def tiny_model() -> Path:
+    directory = MODELS_DIR / "tiny-clip"
+    if not (directory / "model.safetensors").exists():
+        from tests.tiny_models import save_tiny_clip
+
+        tmp = directory.with_name("tiny-clip.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_tiny_clip(tmp)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    return directory
+
+
+def json_bodies() -> list[Body]:
+    return [
+        Body(
+            json.dumps({"image": base64.b64encode(data).decode(), "labels": LABELS_10}).encode(),
+            "application/json",
+        )
+        for _, data in photos()
+    ]
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of every thread of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S  # utime, stime
+
+
+@dataclass
+class Row:
+    model: str
+    system: str
+    round: int
+    ok: float
+    failed: float
+    req_s: float
+    p50_ms: float
+    p99_ms: float
+    core_ms: float  # server CPU per request
+    notes: dict = field(default_factory=dict)
+
+
+def _measure(server: servers.Server, n: int, clients: int, warmup: int) -> tuple[float, ...]:
+    bodies = json_bodies()
+    url = server.url + "/v1/classify"
+
+    def load(count: int):
+        return asyncio.run(
+            run_load(
+                url, lambda i: bodies[i % len(bodies)], n_requests=count, concurrency=clients, max_seconds=900
+            )
+        )
+
+    load(warmup)
+    before = cpu_s(server.proc.pid)
+    result = load(n)
+    used = cpu_s(server.proc.pid) - before
+    if result.failures:
+        print(f"  {server.name}: failures {dict(result.failures)}", flush=True)
+    return (
+        result.ok,
+        result.failed,
+        result.throughput,
+        result.percentile(50) * 1000,
+        result.percentile(99) * 1000,
+        1000 * used / max(1, result.ok),
+    )
+
+
+def start_baseline(model: Path, dtype: str) -> servers.Server:
+    port = servers.free_port()
+    argv = ["-m", "uvicorn", "bench.baseline_app:app", "--host", servers.HOST, "--port", str(port)]
+    env = {"BASELINE_MODEL": str(model), "BASELINE_DTYPE": dtype}
+    return servers.start("baseline", [*argv, "--log-level", "warning"], env, port)
+
+
+def start_promptswap(model: Path, dtype: str, **options: object) -> servers.Server:
+    port = servers.free_port()
+    store = OUT / "host-cost-adapters"
+    shutil.rmtree(store, ignore_errors=True)
+    argv = servers.service_argv(model, port, store, request_timeout_s=300, **options)
+    return servers.start("promptswap", argv, {"PROMPTSWAP_DTYPE": dtype}, port)
+
+
+SYSTEMS = {
+    "baseline": start_baseline,
+    "promptswap": start_promptswap,
+    "promptswap --torch-threads 1": lambda model, dtype: start_promptswap(model, dtype, torch_threads=1),
+}
+
+
+def compare(label: str, model: Path, dtype: str, n: int, rounds: int, clients: int, warmup: int) -> list[Row]:
+    rows = []
+    for r in range(rounds):
+        order = list(SYSTEMS) if r % 2 == 0 else list(reversed(SYSTEMS))  # alternate who goes first
+        for name in order:
+            server = SYSTEMS[name](model, dtype)
+            try:
+                ok, failed, rps, p50, p99, core = _measure(server, n, clients, warmup)
+            finally:
+                server.stop()
+            rows.append(Row(label, name, r, ok, failed, rps, p50, p99, core))
+            print(f"  {label} {name} round {r}: {rps:.1f} req/s, {core:.1f} core-ms/req", flush=True)
+    return rows
+
+
+def ceiling(model: Path, dtype: str) -> dict:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.ceiling",
+            "--model",
+            str(model),
+            "--dtype",
+            dtype,
+            "--batch",
+            "32",
+            "--seconds",
+            "5",
+        ],
+        cwd=servers.REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- py-spy: where a loaded server's CPU goes --------------------------------------------
+
+# Walking a stack from its innermost frame out, the first rule whose text is in a frame names
+# the stage. Order inside one frame does not matter: the rules' texts do not overlap.
+STAGES = (
+    ("JPEG/PNG decode", ("decode_image", "JpegImagePlugin", "PngImagePlugin", "ImageFile.py")),
+    ("resize/crop/normalise", ("clip_pixels.py", "image_processing", "preprocess (service")),
+    ("base64", ("b64decode", "decode_base64_image")),
+    (
+        "JSON/multipart parsing",
+        (
+            "model_validate_json",
+            "_parse_classify",
+            "_parse_multipart",
+            "multipart",
+            "decoder.py",
+            "form (starlette",
+        ),
+    ),
+    ("body read", ("body (starlette", "stream (starlette", "receive (uvicorn")),
+    ("model forward (image/text)", ("encode_image", "encode_text", "torch/nn/")),
+    ("batch assembly + logits", ("handler.py",)),
+    ("queueing (batcher)", ("batcher.py",)),
+    (
+        "response building",
+        (
+            "ClassifyResponse",
+            "serialize_response",
+            "jsonable_encoder",
+            "render (",
+            "encoder.py",
+            "_softmax",
+            "pydantic",
+        ),
+    ),
+    (
+        "middleware + metrics",
+        ("service/http/middleware.py", "prometheus_client", "admission.py", "deps.py", "disconnect.py"),
+    ),
+    ("FastAPI/Starlette routing", ("fastapi/", "starlette/")),
+    ("uvicorn/HTTP", ("uvicorn/", "h11", "httptools")),
+    ("thread hops (executor, wake-ups)", ("concurrent/futures", "threading.py", "queue.py")),
+    ("event loop (asyncio/uvloop)", ("asyncio/", "uvloop", "base_events", "selector")),
+)
+
+
+def stage_of(stack: str) -> str:
+    for frame in reversed(stack.split(";")):
+        for stage, keys in STAGES:
+            if any(k in frame for k in keys):
+                return stage
+    return "other"
+
+
+def summarise(raw: Path) -> dict[str, float]:
+    counts: Counter = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if n.isdigit():
+            counts[stage_of(stack)] += int(n)
+    total = sum(counts.values()) or 1
+    return {k: round(100 * v / total, 1) for k, v in counts.most_common()}
+
+
+def profile(model: Path, n: int, clients: int) -> dict:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    server = start_promptswap(model, "float32")
+    raw = OUT / "pyspy-host-cost.txt"
+    try:
+        bodies = json_bodies()
+        url = server.url + "/v1/classify"
+        asyncio.run(
+            run_load(url, lambda i: bodies[i % 8], n_requests=64, concurrency=clients, max_seconds=300)
+        )
+        spy = subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--pid",
+                str(server.proc.pid),
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                "--nonblocking",
+                "--threads",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)
+        before = cpu_s(server.proc.pid)
+        result = asyncio.run(
+            run_load(url, lambda i: bodies[i % 8], n_requests=n, concurrency=clients, max_seconds=600)
+        )
+        used = cpu_s(server.proc.pid) - before
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
+    finally:
+        server.stop()
+    shares = summarise(raw)
+    core_ms = 1000 * used / max(1, result.ok)
+    return {
+        "requests": result.ok,
+        "req_s": result.throughput,
+        "core_ms_per_request": core_ms,
+        "share %": shares,
+        "core-ms per request by stage": {k: round(core_ms * v / 100, 2) for k, v in shares.items()},
+    }
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def _table(rows: list[Row]) -> list[str]:
+    out = [
+        "| model | system | round | ok | failed | req/s | p50 ms | p99 ms | server core-ms/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    out += [
+        f"| {r.model} | {r.system} | {r.round} | {r.ok} | {r.failed} | {r.req_s:.1f} | {r.p50_ms:.0f} | "
+        f"{r.p99_ms:.0f} | {r.core_ms:.1f} |"
+        for r in rows
+    ]
+    return out
+
+
+def _ratio_lines(rows: list[Row]) -> list[str]:
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = [r for r in rows if r.model == model]
+        rounds = sorted({r.round for r in mine})
+        for rnd in rounds:
+            by = {r.system: r for r in mine if r.round == rnd}
+            if "baseline" in by and "promptswap" in by and by["baseline"].req_s > 0:
+                ps, bl = by["promptswap"], by["baseline"]
+                lines.append(
+                    f"- {model}, round {rnd}: promptswap/baseline req/s **{ps.req_s / bl.req_s:.2f}x**; "
+                    f"core-ms/req {ps.core_ms:.1f} vs {bl.core_ms:.1f}"
+                )
+    return lines
+
+
+def section(data: dict) -> str:
+    lines = [
+        BEGIN,
+        "",
+        "## Host cost per classify request (issue 16)",
+        "",
+        f"Regenerate: `{data['command']}` ({data['wall_s'] / 60:.1f} min). CPU: {data['cpu']}; "
+        f"load average at start {data['load_start']}, at end {data['load_end']}. 16 closed-loop "
+        "clients, JSON bodies (base64 640x480 JPEG, 10 labels), each system started fresh, warmed "
+        "up, then measured; systems alternate within a round. Baseline: `bench/baseline_app.py` "
+        "(asyncio queue micro-batcher, decode + transformers' processor in a thread pool, one model "
+        "thread, label cache). Server core-ms/req: the server process's CPU time over the measured "
+        "requests (from /proc), divided by their number.",
+        "",
+        *_table([Row(**r) for r in data["rows"]]),
+        "",
+        *_ratio_lines([Row(**r) for r in data["rows"]]),
+    ]
+    if data.get("ceilings"):
+        lines += [
+            "",
+            "Raw image encoder in-process (`bench.ceiling`, batch 32): "
+            + "; ".join(f"{k}: {v['images_per_s']:.1f} img/s" for k, v in data["ceilings"].items()),
+        ]
+    if data.get("profile"):
+        p = data["profile"]
+        lines += [
+            "",
+            f"py-spy on promptswap, tiny CLIP, {p['requests']} requests at {p['req_s']:.1f} req/s, "
+            f"{p['core_ms_per_request']:.1f} core-ms/req; on-CPU samples of all threads by the "
+            "innermost recognised frame (`bench.host_cost.STAGES`; raw stacks in "
+            "`bench/out/pyspy-host-cost.txt`):",
+            "",
+            "| stage | share % | core-ms/req |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {k} | {v} | {p['core-ms per request by stage'][k]} |" for k, v in p["share %"].items()]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    current = RESULTS.read_text() if RESULTS.exists() else ""
+    if BEGIN in current and END in current:
+        head, _, rest = current.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        RESULTS.write_text(head + text + tail)
+    else:
+        RESULTS.write_text(current.rstrip("\n") + "\n\n" + text + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument(
+        "--b32", action="store_true", help="also the B/32 rows (fp32 and bf16) and the raw encoder"
+    )
+    p.add_argument("--b32-requests", type=int, default=96)
+    p.add_argument("--profile", action="store_true", help="py-spy breakdown of promptswap on the tiny CLIP")
+    p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
+    a = p.parse_args()
+    from .run import machine
+
+    started = time.perf_counter()
+    m = machine()
+    load_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    rows = compare("tiny CLIP", tiny_model(), "float32", a.requests, a.rounds, a.clients, 32)
+    ceilings = {}
+    if a.b32:
+        b32 = ensure_model("B/32")
+        for dtype in ("float32", "bfloat16"):
+            ceilings[f"B/32 {dtype}"] = ceiling(b32, dtype)
+            rows += compare(f"B/32 {dtype}", b32, dtype, a.b32_requests, 1, a.clients, 16)
+    prof = profile(tiny_model(), a.requests, a.clients) if a.profile else None
+    data = {
+        "command": "python -m bench.host_cost " + " ".join(sys.argv[1:]),
+        "cpu": m["CPU"],
+        "load_start": load_start,
+        "load_end": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "wall_s": time.perf_counter() - started,
+        "rows": [asdict(r) for r in rows],
+        "ceilings": ceilings,
+        "profile": prof,
+    }
+    (OUT / "host_cost.json").write_text(json.dumps(data, indent=1))
+    text = section(data)
+    print(text)
+    if not a.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
