@@ -42,7 +42,7 @@ TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 def tiny_model() -> Path:
     directory = MODELS_DIR / "tiny-clip"
     if not (directory / "model.safetensors").exists():
-        from tests.tiny_models import save_tiny_clip
+        from fixtures.tiny_models import save_tiny_clip
 
         tmp = directory.with_name("tiny-clip.tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -50,12 +50,14 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of a request from admission; past it: 504."
     )
+    # All cores but one: torch's OpenMP team spins while it waits, and a team member preempted
+    # by the decode threads or the event loop stalls the batch (bench/RESULTS.md, host cost).
     torch_threads: int | None = Field(
-        None,
+        max(1, (os.cpu_count() or 1) - 1),
         ge=1,
         le=256,
-        description="torch intra-op threads for the model; unset keeps torch's default (all cores). "
-        "Fewer leave cores to image decoding and HTTP on small machines.",
+        description="torch intra-op threads for the model (default: cores - 1, leaving one to "
+        "image decoding and HTTP).",
     )
     decode_threads: int = Field(
         min(4, os.cpu_count() or 1), ge=1, le=64, description="Threads decoding images."

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from service.http.images import decode_image
-from tests.conftest import encode, make_image, running_app
+from fixtures.images import encode, make_image
+from tests.conftest import running_app
 
 
 def jpeg(size: tuple[int, int], **save: object) -> bytes:
