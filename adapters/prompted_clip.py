@@ -21,6 +21,8 @@ import torch
 from transformers import CLIPModel
 from transformers.masking_utils import create_causal_mask
 
+from adapters.transformers_compat import CACHE_KW
+
 
 def encode_image(
     model: CLIPModel,
@@ -67,7 +69,7 @@ def encode_text(
         h = torch.cat([h[:, :1], text_prompts[:, 0], h[:, 1 + n_ctx :]], dim=1)
     h = h + emb.position_embedding(emb.position_ids[:, : h.shape[1]])
     mask = create_causal_mask(
-        config=tm.config, inputs_embeds=h, attention_mask=attention_mask, past_key_values=None
+        config=tm.config, inputs_embeds=h, attention_mask=attention_mask, **{CACHE_KW: None}
     )
     for i, layer in enumerate(tm.encoder.layers):
         if text_prompts is not None and 1 <= i < depth:

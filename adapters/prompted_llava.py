@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
 from adapters.m2pt import FoldedM2pt, feature_layers
+from adapters.transformers_compat import CACHE_KW
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per LLM layer: (1, kv_heads, n_text, head_dim) each
 
@@ -151,7 +152,7 @@ def prefix_kv(model: LlavaForConditionalGeneration, folded: FoldedM2pt) -> KV:
     pos = torch.arange(h.shape[1], device=h.device)[None]  # (1, n_t)
     cache = DynamicCache(config=lm.config)
     mask = create_causal_mask(
-        config=lm.config, inputs_embeds=h, attention_mask=None, past_key_values=cache, position_ids=pos
+        config=lm.config, inputs_embeds=h, attention_mask=None, position_ids=pos, **{CACHE_KW: cache}
     )
     rope = lm.rotary_emb(h, position_ids=pos)
     for i, layer in enumerate(lm.layers[: lm.config.num_hidden_layers]):
@@ -162,8 +163,8 @@ def prefix_kv(model: LlavaForConditionalGeneration, folded: FoldedM2pt) -> KV:
             attention_mask=mask,
             position_embeddings=rope,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
+            **{CACHE_KW: cache},
         )
     kv: KV = []
     for cached in cache.layers:  # a DynamicCache of a Llama config: DynamicLayers, filled above
@@ -194,7 +195,7 @@ def explicit_forward(
     mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)  # (B, n_t + L)
     pos = positions_from_mask(mask)
     causal = create_causal_mask(
-        config=lm.config, inputs_embeds=embeds, attention_mask=mask, past_key_values=None, position_ids=pos
+        config=lm.config, inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **{CACHE_KW: None}
     )
     rope = lm.rotary_emb(embeds, position_ids=pos)
     h = embeds
@@ -225,11 +226,26 @@ def forward_with_prefix(
             ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix]
         )  # (B, kv_heads, n_t, head_dim) per layer
     mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)  # (B, n_t + L)
+    hidden = decoder_forward(model, embeds, positions_from_mask(mask)[:, n:], mask, cache)
+    return model.lm_head(hidden)
+
+
+def decoder_forward(
+    model: LlavaForConditionalGeneration,
+    inputs_embeds: torch.Tensor,  # (B, T, D): merge_image_tokens' output, or token embeddings
+    position_ids: torch.Tensor,  # (B, T)
+    attention_mask: torch.Tensor,  # (B, K) over cache + input, or a prepared (B, 1, T, K) boolean mask
+    cache: object | None,  # a transformers Cache, or any object with its ``update`` (the service's slots)
+) -> torch.Tensor:
+    """The language model over input embeddings after a cache: final hidden states (B, T, D).
+
+    The one prefill and decode path: ``forward_with_prefix`` and the service's engine both run it.
+    """
     out = model.model.language_model(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=positions_from_mask(mask)[:, n:],
-        past_key_values=cache,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
         use_cache=cache is not None,
+        **{CACHE_KW: cache},
     )
-    return model.lm_head(out.last_hidden_state)
+    return out.last_hidden_state

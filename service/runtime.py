@@ -180,6 +180,8 @@ class Runtime:
             executor=self.model_executor,
             max_batch_size=s.chat_max_batch_size,
             max_queue=s.chat_max_queue,
+            kv_cache_bytes=s.kv_cache_bytes,
+            max_prefill_tokens=s.max_prefill_tokens,
             on_step=m.batch_size.labels("chat").observe,
         )
         m.queue_depth.labels("chat").set_function(lambda: engine.depth)

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
         16, ge=1, le=1024, description="Chat requests decoded together (joining between steps)."
     )
     chat_max_queue: int = Field(64, ge=1, description="Chat requests waiting to start; past it: 429.")
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Chat KV cache, preallocated (default: half the free memory on CUDA, 1 GiB on CPU).",
+    )
+    max_prefill_tokens: int = Field(
+        512, ge=1, le=1_000_000, description="Prompt tokens read per chat step (longer prompts span steps)."
+    )
     chat_timeout_s: float = Field(
         300.0, gt=0, description="Deadline of a chat request from admission; past it: 504."
     )

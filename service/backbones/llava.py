@@ -1,25 +1,23 @@
-"""The frozen LLaVA backbone: loading, prompt preparation, prefill and batched decode.
+"""The frozen LLaVA backbone: loading, prompt preparation, and the forward the chat
+engine drives (input embeddings after a cache it owns; see ``service.chat.kv_slots``).
 
-Generation state lives outside the model as per-request key/value tensors, so requests
-can join and leave a running batch between decode steps (iteration-level batching):
-each decode step pads the active requests' caches to a common length on the left,
-masks the padding, and gives every row its own position ids. With one request and no
-adapter, prefill and decode are exactly what ``model.generate`` does.
+Prefill and decode are one path (``adapters.prompted_llava.decoder_forward``): the
+engine hands each row's positions and a mask over its own cached tokens, so a row's
+logits are what ``model.generate`` computes for it alone.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
-from transformers import DynamicCache, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
-from adapters.prompted_llava import merge_image_tokens
+from adapters.prompted_llava import decoder_forward, merge_image_tokens
 from service.backbones.loading import BackboneLoadError, load_frozen
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, length, head_dim) each
 
 
 @dataclass
@@ -38,7 +36,7 @@ class PreparedPrompt:
 class LlavaBackbone:
     model_id: str
     model: LlavaForConditionalGeneration
-    processor: object  # LlavaProcessor: tokenizer, image processor, chat template
+    processor: Any  # LlavaProcessor: tokenizer, image processor, chat template
     device: torch.device
     dtype: torch.dtype
 
@@ -56,14 +54,14 @@ class LlavaBackbone:
         )
         if getattr(processor, "chat_template", None) is None:
             raise BackboneLoadError(f"{source!r} has no chat template in its processor")
-        return cls(source, model, processor, dev, torch_dtype)
+        return cls(source, model, processor, dev, torch_dtype)  # type: ignore[arg-type]
 
     @property
     def context_length(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
+        return int(self.model.config.text_config.max_position_embeddings)  # type: ignore[union-attr]
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
     def prepare(self, image: Image.Image, conversation: list[dict]) -> PreparedPrompt:
@@ -81,84 +79,29 @@ class LlavaBackbone:
     # ------------------------------------------------------------------ model thread
 
     @torch.inference_mode()
-    def prefill(self, prompt: PreparedPrompt, adapter: object = None) -> tuple[torch.Tensor, KV, int]:
-        """Logits of the next token (V,), the cache, and the next position.
-
-        Without an adapter this is exactly ``generate``'s prefill. With an M2PT adapter
-        (``adapter.folded``, ``adapter.extras["prefix"]``) the image goes through its
-        visual prompts and interaction layer, and the text starts after its KV prefix.
-        """
+    def prompt_embeds(self, prompt: PreparedPrompt, adapter: object = None) -> torch.Tensor:
+        """The prompt's input embeddings (L, D), the image merged in (through an M2PT adapter's
+        visual prompts and interaction layer when one is given)."""
         ids = prompt.input_ids.to(self.device)
         pixels = prompt.pixel_values.to(self.device, self.dtype)
-        if adapter is None:
-            out = self.model(
-                input_ids=ids,
-                pixel_values=pixels,
-                attention_mask=torch.ones_like(ids),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache, start = out.past_key_values, 0
-            hidden_logits = out.logits[0, -1]
-        else:
-            prefix: KV = adapter.extras["prefix"]  # type: ignore[attr-defined]
-            start = prefix[0][0].shape[2]  # n_text: the input's positions begin after it
-            embeds = merge_image_tokens(self.model, ids, pixels, [adapter.folded])  # type: ignore[attr-defined]
-            cache = DynamicCache(ddp_cache_data=prefix)  # copied on update: the prefix stays intact
-            length = ids.shape[1]
-            out = self.model.model.language_model(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(1, start + length, dtype=torch.long, device=self.device),
-                position_ids=torch.arange(start, start + length, device=self.device)[None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            hidden_logits = self.model.lm_head(out.last_hidden_state[0, -1])
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return hidden_logits.float(), kv, start + prompt.length
+        folded = None if adapter is None else adapter.folded  # type: ignore[attr-defined]
+        return merge_image_tokens(self.model, ids, pixels, [folded])[0]
 
     @torch.inference_mode()
-    def decode(
-        self, tokens: list[int], caches: list[KV], positions: list[int]
-    ) -> tuple[torch.Tensor, list[KV]]:
-        """One decode step for B requests with caches of different lengths.
+    def token_embeds(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D)."""
+        return self.model.get_input_embeddings()(tokens.to(self.device))
 
-        Returns logits (B, V) and each request's cache grown by one token.
-        """
-        lengths = [kv[0][0].shape[2] for kv in caches]
-        longest = max(lengths)
-        batch = len(caches)
-        padded = []
-        for layer in range(len(caches[0])):
-            k0, v0 = caches[0][layer]
-            keys = k0.new_zeros(batch, k0.shape[1], longest, k0.shape[3])  # (B, Hkv, Lmax, d)
-            values = v0.new_zeros(batch, v0.shape[1], longest, v0.shape[3])
-            for row, kv in enumerate(caches):
-                keys[row, :, longest - lengths[row] :] = kv[layer][0][0]
-                values[row, :, longest - lengths[row] :] = kv[layer][1][0]
-            padded.append((keys, values))
-        mask = torch.zeros(batch, longest + 1, dtype=torch.long, device=self.device)
-        for row, length in enumerate(lengths):
-            mask[row, longest - length :] = 1  # left padding is masked out
-        cache = DynamicCache(ddp_cache_data=padded)
-        out = self.model.model.language_model(
-            input_ids=torch.tensor(tokens, device=self.device)[:, None],  # (B, 1)
-            attention_mask=mask,
-            position_ids=torch.tensor(positions, device=self.device)[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()  # (B, V)
-        grown: list[KV] = []
-        for row, length in enumerate(lengths):
-            start = longest - length
-            grown.append(
-                [
-                    (
-                        layer.keys[row : row + 1, :, start:].clone(),
-                        layer.values[row : row + 1, :, start:].clone(),
-                    )
-                    for layer in cache.layers
-                ]
-            )
-        return logits, grown
+    @torch.inference_mode()
+    def forward(
+        self,
+        embeds: torch.Tensor,  # (B, T, D)
+        positions: torch.Tensor,  # (B, T)
+        mask: torch.Tensor,  # (B, 1, T, K) boolean: which cached keys each input token sees
+        cache: object,  # where keys/values are written and read (the engine's slots)
+        last: torch.Tensor,  # (B,) the input index whose next-token logits each row wants
+    ) -> torch.Tensor:
+        """Next-token logits (B, V), float32."""
+        hidden = decoder_forward(self.model, embeds, positions.to(self.device), mask.to(self.device), cache)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.model.lm_head(hidden[rows, last.to(self.device)]).float()

@@ -12,7 +12,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from service.backbones.llava import LlavaBackbone
-from service.chat.engine import Delta, GenerationEngine, GenRequest
+from service.chat.engine import Delta, GenerationEngine, GenRequest, NeverFits
 from service.chat.request import ChatCall, conversation_chars
 from service.errors import ContextTooLong, NotFound, Unprocessable
 from service.http.admission import Lane, Place
@@ -96,6 +96,10 @@ class ChatService:
                 adapter=adapter,
                 deadline=loop.time() + s.chat_timeout_s,
             )
+            try:
+                self.engine.check_fits(request.prefix_tokens, prompt.length, max_tokens)
+            except NeverFits as exc:
+                raise ContextTooLong(str(exc)) from None
             place.release()  # queued from here on: the engine's bound counts it
             with self.lane.refusals():
                 self.engine.submit(request)

@@ -38,7 +38,7 @@ def shifted_greedy(model, processor, image_seed: int, instruction: str, n: int, 
     length = inputs["input_ids"].shape[1]
     with torch.inference_mode():
         out = model(**inputs, use_cache=True)
-        cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        cache, token = out.cache, int(out.logits[0, -1].argmax())
         tokens = [token]
         for i in range(n - 1):
             step = model.model.language_model(
