@@ -1,166 +1,318 @@
-"""Chat throughput on the tiny LLaVA (CPU): decode tokens/s for 1 and 8 concurrent
-clients, and the cost of mixing adapters in one batch versus one adapter.
+"""Chat engine benchmark (issue 15), in process, side by side in one run:
 
-    python -m bench.chat [--requests 16] [--max-tokens 48]
+- ``engine``: the service's engine (KV slots in place, batched chunked prefill);
+- ``legacy``: the engine as it was before (bench/legacy_engine.py);
+- ``ceiling``: ``model.generate`` on a static cache at the same batch size.
 
-A real `promptswap serve --llava-model` process on loopback; tokens/s counts the
-completion tokens the server reports over the wall time of the scenario.
+    python -m bench.chat [--width 1024 --layers 8 --vocab 32000] [--clients 1,4,16]
+        [--prompts 100,1000,2000] [--max-tokens 32] [--burst 8] [--burst-prompt 2000]
+        [--dtype float32] [--device cpu] [--skip-legacy] [--json out.json]
+
+A random LLaVA (Llama text model of the given width/depth/vocabulary, a small CLIP
+tower); prompts of the given lengths (16 image tokens + random words); no stop token,
+so every stream runs ``--max-tokens``. Decode tokens/s is the tokens after each
+stream's first over the time from the last first token to the last token (the ceiling:
+the same count over generate(N) minus generate(1)); inter-token latency is the time
+between a stream's deltas. ``outside`` is the share of the engine's step time spent
+outside the model's forward. ``burst``: one running stream's p99 inter-token latency
+while ``--burst`` prompts of ``--burst-prompt`` tokens arrive, over its p99 without.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
-import shutil
+import json
+import platform
 import time
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Any
 
-import httpx
 import torch
-from PIL import Image
-from transformers import LlavaConfig
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
 
-from adapters.format import dump
-from adapters.m2pt import M2ptConfig, M2ptPromptLearner, fold, llava_fingerprint
-from tests.llava_fixtures import save_tiny_llava
+from bench.legacy_engine import LegacyBackbone, LegacyEngine
+from service.backbones.llava import LlavaBackbone, PreparedPrompt
+from service.chat.engine import GenerationEngine, GenRequest
+from service.chat.kv_slots import bytes_per_token
 
-from .models import OUT
-from .servers import free_port, start
-
-TOKEN = "bench-token"
-
-
-def photo(seed: int) -> str:
-    rng = torch.Generator().manual_seed(seed)
-    pixels = (torch.rand(240, 320, 3, generator=rng) * 255).to(torch.uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return base64.b64encode(buf.getvalue()).decode()
+IMAGE_TOKENS = 16  # 32 px images, 8 px patches
+IMAGE_ID = 4
 
 
-def adapter_file(model_dir: Path, name: str, seed: int) -> bytes:
-    torch.manual_seed(seed)
-    config = M2ptConfig.for_llava(LlavaConfig.from_pretrained(model_dir), n_vision=4, n_text=4)
-    return dump(
-        fold(M2ptPromptLearner(config)),
-        name=name,
-        backbone=llava_fingerprint(LlavaConfig.from_pretrained(model_dir)),
+def random_llava(
+    width: int, layers: int, vocab: int, context: int, device: str, dtype: torch.dtype
+) -> LlavaBackbone:
+    words = {"<unk>": 0, "<s>": 1, "<pad>": 3, "<image>": IMAGE_ID, "</x>": 2}
+    words.update({f"w{i}": i for i in range(5, vocab)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
     )
+    heads = max(1, width // 64)
+    text = LlamaConfig(
+        hidden_size=width,
+        intermediate_size=int(width * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
+        max_position_embeddings=context,
+        eos_token_id=None,
+        bos_token_id=1,
+        pad_token_id=3,
+    )
+    config = LlavaConfig(  # type: ignore[call-arg]
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval().to(device, dtype)
+    model.generation_config.eos_token_id = None
+    processor = SimpleNamespace(tokenizer=tokenizer)
+    return LlavaBackbone("random-llava", model, processor, torch.device(device), dtype)
 
 
-async def scenario(
-    url: str, clients: int, requests: int, max_tokens: int, adapters: list[str | None]
-) -> dict:
-    images = [photo(i) for i in range(8)]
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
-    tokens = 0
-    failures = 0
+def prompt(length: int, seed: int, vocab: int) -> PreparedPrompt:
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(5, vocab, (length - 1 - IMAGE_TOKENS,), generator=g)
+    ids = torch.cat([torch.tensor([1]), torch.full((IMAGE_TOKENS,), IMAGE_ID), words])[None]
+    return PreparedPrompt(ids, torch.randn(1, 3, 32, 32, generator=g))
 
-    async def client(http: httpx.AsyncClient) -> None:
-        nonlocal tokens, failures
-        while not queue.empty():
-            i = queue.get_nowait()
-            body = {
-                "image": images[i % len(images)],
-                "instruction": "describe the picture in detail",
-                "max_tokens": max_tokens,
-            }
-            adapter = adapters[i % len(adapters)]
-            if adapter is not None:
-                body["adapter"] = adapter
-            r = await http.post(f"{url}/v1/chat", json=body)
-            if r.status_code == 200:
-                tokens += r.json()["usage"]["completion_tokens"]
-            else:
-                failures += 1
 
-    async with httpx.AsyncClient(timeout=300) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        wall = time.perf_counter() - started
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def stream(request: GenRequest, times: list[float]) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        event = await request.events.get()
+        if isinstance(event, BaseException):
+            raise event
+        times.append(loop.time())
+        if event.finish_reason is not None:
+            return
+
+
+def summary(all_times: list[list[float]]) -> dict[str, float]:
+    firsts = max(t[0] for t in all_times)
+    end = max(t[-1] for t in all_times)
+    tokens = sum(len(t) - 1 for t in all_times)
+    gaps = [b - a for t in all_times for a, b in zip(t, t[1:], strict=False)]
     return {
-        "clients": clients,
-        "requests": requests,
-        "tokens": tokens,
-        "seconds": wall,
-        "tokens_per_s": tokens / wall,
-        "failures": failures,
+        "tok_s": tokens / (end - firsts) if end > firsts else float("nan"),
+        "itl_p50_ms": 1000 * pct(gaps, 0.5),
+        "itl_p99_ms": 1000 * pct(gaps, 0.99),
     }
 
 
-async def run(requests: int, max_tokens: int) -> list[tuple[str, dict]]:
-    model_dir = OUT / "tiny-llava"
-    if not (model_dir / "config.json").exists():
-        model_dir.mkdir(parents=True, exist_ok=True)
-        save_tiny_llava(model_dir)
-    port = free_port()
-    shutil.rmtree(OUT / "chat-adapters", ignore_errors=True)  # a fresh store each run
-    argv = [
-        "-m",
-        "service",
-        "serve",
-        "--clip-model",
-        "",
-        "--llava-model",
-        str(model_dir),
-        "--device",
-        "cpu",
-        "--port",
-        str(port),
-        "--chat-max-batch-size",
-        "16",
-        "--log-level",
-        "warning",
-        "--adapter-dir",
-        str(OUT / "chat-adapters"),
-    ]
-    server = start("chat", argv, {"PROMPTSWAP_ADMIN_TOKEN": TOKEN}, port)
+class Timed:
+    """Sums the wall time of a callable (the engine's step, the model's forward)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.total = fn, 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.total += time.perf_counter() - start
+
+
+def make_engine(kind: str, llava: LlavaBackbone, clients: int, context: int, prefill: int) -> Any:
+    executor = ThreadPoolExecutor(1)
+    if kind == "legacy":
+        return LegacyEngine(LegacyBackbone(llava), executor=executor, max_batch_size=clients, max_queue=1024)
+    budget = clients * context * bytes_per_token(llava.model.config.text_config, llava.dtype)
+    return GenerationEngine(
+        llava,
+        executor=executor,
+        max_batch_size=clients,
+        max_queue=1024,
+        kv_cache_bytes=budget,
+        max_prefill_tokens=prefill,
+    )
+
+
+async def run_engine(engine: Any, prompts: list[PreparedPrompt], max_tokens: int) -> list[list[float]]:
+    engine.start()
+    requests = [GenRequest(prompt=p, max_tokens=max_tokens) for p in prompts]
+    times: list[list[float]] = [[] for _ in requests]
+    for r in requests:
+        engine.submit(r)
+    await asyncio.gather(*(stream(r, t) for r, t in zip(requests, times, strict=True)))
+    await engine.stop()
+    return times
+
+
+def engine_row(kind: str, llava: LlavaBackbone, clients: int, length: int, args: argparse.Namespace) -> dict:
+    engine = make_engine(kind, llava, clients, args.context, args.max_prefill_tokens)
+    forward = step = None
+    if kind == "engine":
+        forward = Timed(llava.forward)
+        llava.forward = forward  # type: ignore[method-assign]
+        step = Timed(engine._step)
+        engine._step = step
+    prompts = [prompt(length, seed, args.vocab) for seed in range(clients)]
     try:
-        async with httpx.AsyncClient() as http:
-            for i in range(4):
-                r = await http.post(
-                    f"{server.url}/v1/admin/adapters",
-                    headers={"Authorization": f"Bearer {TOKEN}"},
-                    files={"file": ("a", adapter_file(model_dir, f"task{i}", i))},
-                )
-                r.raise_for_status()
-        await scenario(server.url, 4, 8, 8, [None])  # warm-up
-        return [
-            ("1 client, no adapter", await scenario(server.url, 1, requests // 2, max_tokens, [None])),
-            ("8 clients, no adapter", await scenario(server.url, 8, requests, max_tokens, [None])),
-            ("8 clients, one adapter", await scenario(server.url, 8, requests, max_tokens, ["task0"])),
-            (
-                "8 clients, 4 adapters + none",
-                await scenario(
-                    server.url, 8, requests, max_tokens, ["task0", "task1", None, "task2", "task3"]
-                ),
-            ),
-        ]
+        times = asyncio.run(run_engine(engine, prompts, args.max_tokens))
     finally:
-        server.stop()
+        if forward is not None:
+            del llava.forward  # back to the class's method
+    row = summary(times)
+    if forward is not None and step is not None:
+        row["outside"] = 1 - forward.total / step.total
+    return row
+
+
+@torch.inference_mode()
+def ceiling_row(llava: LlavaBackbone, clients: int, length: int, args: argparse.Namespace) -> dict:
+    prompts = [prompt(length, seed, args.vocab) for seed in range(clients)]
+    ids = torch.cat([p.input_ids for p in prompts]).to(llava.device)
+    pixels = torch.cat([p.pixel_values for p in prompts]).to(llava.device, llava.dtype)
+
+    def generate(n: int) -> float:
+        start = time.perf_counter()
+        llava.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            cache_implementation="static",
+        )
+        return time.perf_counter() - start
+
+    generate(1)  # warm-up: the static cache's first allocation
+    decode = generate(args.max_tokens) - generate(1)
+    return {"tok_s": clients * (args.max_tokens - 1) / decode}
+
+
+async def burst_p99(engine: Any, args: argparse.Namespace, burst: int) -> float:
+    """p99 inter-token latency of one running stream, with ``burst`` long prompts arriving."""
+    engine.start()
+    running = GenRequest(prompt=prompt(100, 99, args.vocab), max_tokens=args.burst_stream_tokens)
+    times: list[float] = []
+    engine.submit(running)
+    task = asyncio.ensure_future(stream(running, times))
+    while len(times) < 3:
+        await asyncio.sleep(0.001)
+    start = len(times)
+    arrivals = [
+        GenRequest(prompt=prompt(args.burst_prompt, s, args.vocab), max_tokens=2) for s in range(burst)
+    ]
+    for r in arrivals:
+        engine.submit(r)
+    await asyncio.gather(task, *(stream(r, []) for r in arrivals))
+    await engine.stop()
+    gaps = [b - a for a, b in zip(times[start - 1 :], times[start:], strict=False)]
+    return 1000 * pct(gaps, 0.99)
+
+
+def burst_row(kind: str, llava: LlavaBackbone, args: argparse.Namespace) -> dict:
+    quiet = asyncio.run(
+        burst_p99(make_engine(kind, llava, 1 + args.burst, args.context, args.max_prefill_tokens), args, 0)
+    )
+    loud = asyncio.run(
+        burst_p99(
+            make_engine(kind, llava, 1 + args.burst, args.context, args.max_prefill_tokens), args, args.burst
+        )
+    )
+    return {"quiet_p99_ms": quiet, "burst_p99_ms": loud, "ratio": loud / quiet}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=48)
-    args = parser.parse_args()
-    results = asyncio.run(run(args.requests, args.max_tokens))
-    print("| scenario | requests | completion tokens | seconds | decode tokens/s | failures |")
-    print("|---|---|---|---|---|---|")
-    for name, r in results:
-        print(
-            f"| {name} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {r['failures']} |"
-        )
-    base = results[0][1]["tokens_per_s"]
-    print(f"\n8 clients / 1 client: {results[1][1]['tokens_per_s'] / base:.2f}x")
-    print(
-        f"mixed adapters / one adapter: {results[3][1]['tokens_per_s'] / results[2][1]['tokens_per_s']:.2f}x"
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--prompts", default="100,1000,2000")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-prefill-tokens", type=int, default=512)
+    parser.add_argument("--burst", type=int, default=8)
+    parser.add_argument("--burst-prompt", type=int, default=2000)
+    parser.add_argument("--burst-stream-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--skip-legacy", action="store_true")
+    parser.add_argument("--skip-ceiling", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    lengths = [int(p) for p in args.prompts.split(",")]
+    args.context = max([*lengths, args.burst_prompt]) + args.max_tokens + args.burst_stream_tokens + 8
+    llava = random_llava(
+        args.width, args.layers, args.vocab, args.context, args.device, getattr(torch, args.dtype)
+    )
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(f"# width {args.width}, layers {args.layers}, vocab {args.vocab}, {args.dtype} on {args.device}")
+    kinds = ["engine"] + ([] if args.skip_legacy else ["legacy"])
+    engine_row("engine", llava, 1, min(lengths), args)  # warm-up, not reported
+    rows: list[dict] = []
+    header = "| clients | prompt | engine tok/s | ITL p50/p99 ms | outside fwd | legacy tok/s | legacy ITL p50/p99 | ceiling tok/s | engine/legacy | engine/ceiling |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for length in lengths:
+        for n in clients:
+            row: dict[str, Any] = {"clients": n, "prompt": length}
+            for kind in kinds:
+                row[kind] = engine_row(kind, llava, n, length, args)
+            if not args.skip_ceiling:
+                row["ceiling"] = ceiling_row(llava, n, length, args)
+            rows.append(row)
+            e, leg, ceil = row["engine"], row.get("legacy", {}), row.get("ceiling", {})
+            nan = float("nan")
+            print(
+                f"| {n} | {length} | {e['tok_s']:.1f} | {e['itl_p50_ms']:.0f}/{e['itl_p99_ms']:.0f} | "
+                f"{100 * e['outside']:.1f}% | {leg.get('tok_s', nan):.1f} | "
+                f"{leg.get('itl_p50_ms', nan):.0f}/{leg.get('itl_p99_ms', nan):.0f} | {ceil.get('tok_s', nan):.1f} | "
+                f"{e['tok_s'] / leg.get('tok_s', nan):.2f}x | {e['tok_s'] / ceil.get('tok_s', nan):.2f}x |",
+                flush=True,
+            )
+    if args.burst:
+        print(
+            f"\n| burst ({args.burst} x {args.burst_prompt} tokens) | quiet p99 ms | burst p99 ms | ratio |"
+        )
+        print("|---|---|---|---|")
+        for kind in kinds:
+            b = burst_row(kind, llava, args)
+            rows.append({"burst": kind, **b})
+            print(
+                f"| {kind} | {b['quiet_p99_ms']:.0f} | {b['burst_p99_ms']:.0f} | {b['ratio']:.2f}x |",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

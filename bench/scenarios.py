@@ -392,5 +392,7 @@ def chat(group: str) -> Row:
         group,
         "chat (LLaVA)",
         "promptswap",
-        notes={"skipped": "not wired in yet; bench/chat.py measures chat on its own (hook: scenarios.chat)"},
+        notes={
+            "skipped": "not wired in yet; bench/chat_http.py measures chat on its own (hook: scenarios.chat)"
+        },
     )

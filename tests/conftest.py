@@ -47,7 +47,7 @@ def make_settings(tiny_clip_dir: Path, tmp_path: Path) -> Callable[..., Settings
     def build(**overrides: object) -> Settings:
         values: dict[str, object] = dict(
             clip_model=str(tiny_clip_dir),
-            device="cpu",
+            device=os.environ.get("PROMPTSWAP_TEST_DEVICE", "cpu"),  # bench/gpu.sh sets cuda
             dtype="float32",
             max_wait_ms=2.0,
             adapter_dir=tmp_path / "adapters",
