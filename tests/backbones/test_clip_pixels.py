@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from fixtures.images import encode, make_image
 from service.backbones.clip import ClipBackbone
 from service.backbones.clip_pixels import ExactClipPixels
 from service.http.images import decode_image
-from fixtures.images import encode, make_image
 
 # Short side below, at and above 224; odd sizes where int() and round() of the long side
 # differ (so the rounding is tested); both orientations; a very thin strip.

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.http.images import decode_image
 from fixtures.images import encode, make_image
+from service.http.images import decode_image
 from tests.conftest import running_app
 
 
