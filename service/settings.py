@@ -97,6 +97,9 @@ class Settings(BaseSettings):
         32_000, ge=1, description="Largest chat text (all messages) in characters (422)."
     )
     max_template_chars: int = Field(300, ge=3, description="Longest prompt template (422).")
+    max_images: int = Field(
+        32, ge=1, description="Most images in one /v1/classify request's images (422); each is a queue row."
+    )
 
     # Caches
     text_cache_entries: int = Field(

@@ -10,7 +10,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.errors import BadRequest, Unprocessable, UnsupportedMediaType
+from service.errors import ApiError, BadRequest, Unprocessable, UnsupportedMediaType
 from service.http.bodies import validated, validated_json
 from service.http.images import decode_base64_image
 from service.http.schemas import ClassifyJSON
@@ -21,22 +21,34 @@ from service.settings import Settings
 class ClassifyCall:
     """One classify request, checked against the bounds; the image is still encoded."""
 
-    image: bytes
+    image: bytes  # b"" when ``images`` is given
     labels: list[str]
     template: str | None  # None: the adapter's own template, else the default one
     top_k: int
     adapter: str | None  # "name" or "name@version"
+    # Several images (``images``): each still encoded, or the error that row answers with.
+    images: list[bytes | ApiError] | None = None
 
 
 async def parse_classify(request: Request, s: Settings) -> ClassifyCall:
     content_type = request.headers.get("content-type", "").lower()
+    images: list[bytes | ApiError] | None = None
     if content_type.startswith("multipart/form-data"):
-        body, image = await _parse_multipart(request, s)
+        body, image, files = await _parse_multipart(request, s)
+        if files:
+            images = list(files)
     elif content_type.startswith("application/json"):
         body = validated_json(ClassifyJSON, await request.body())
-        image = decode_base64_image(body.image, max_bytes=s.max_body_bytes)
+        image = b""
+        if body.image is not None and body.images is None:
+            image = decode_base64_image(body.image, max_bytes=s.max_body_bytes)
+        elif body.images is not None:
+            check_image_count(len(body.images), body.image is not None, s)
+            images = [_decoded_or_error(value, s) for value in body.images]
     else:
         raise UnsupportedMediaType("send multipart/form-data or application/json")
+    if images is None and body.image is None and not image:
+        raise Unprocessable("image: an image is required (or images: a list of them)")
     labels = check_labels(body.labels, s)
     return ClassifyCall(
         image=image,
@@ -44,24 +56,53 @@ async def parse_classify(request: Request, s: Settings) -> ClassifyCall:
         template=check_template(body.template, s),
         top_k=min(body.top_k or len(labels), len(labels)),
         adapter=body.adapter,
+        images=images,
     )
 
 
-async def _parse_multipart(request: Request, s: Settings) -> tuple[ClassifyJSON, bytes]:
+def max_images(s: Settings) -> int:
+    # Every image is a queue row: a request with more than the queue holds could never be admitted.
+    return min(s.max_images, s.max_queue)
+
+
+def check_image_count(count: int, also_image: bool, s: Settings) -> None:
+    if also_image:
+        raise Unprocessable("images: send image or images, not both")
+    if count == 0:
+        raise Unprocessable("images: at least one image is required")
+    if count > max_images(s):
+        raise Unprocessable(f"images: {count} images; at most {max_images(s)} per request")
+
+
+def _decoded_or_error(value: str, s: Settings) -> bytes | ApiError:
+    try:
+        return decode_base64_image(value, max_bytes=s.max_body_bytes)
+    except ApiError as exc:  # that image's row answers with it; the others go on
+        return exc
+
+
+async def _parse_multipart(request: Request, s: Settings) -> tuple[ClassifyJSON, bytes, list[bytes]]:
     try:
         # A part may be one JSON array of every label: the body bound is the part bound;
         # labels are then checked one by one (422).
         form = await request.form(
-            max_files=1, max_fields=2 * s.max_labels + 8, max_part_size=s.max_body_bytes
+            max_files=max_images(s), max_fields=2 * s.max_labels + 8, max_part_size=s.max_body_bytes
         )
     except HTTPException as exc:  # the parser's own bounds
         if "fields" in str(exc.detail):
             raise Unprocessable(f"too many form fields: at most {s.max_labels} labels") from None
+        if "files" in str(exc.detail):
+            raise Unprocessable(f"images: at most {max_images(s)} image files per request") from None
         raise BadRequest(f"malformed multipart body: {exc.detail}") from None
     image = form.get("image")
-    if not isinstance(image, UploadFile):
-        raise Unprocessable("image: a file field named 'image' is required")
-    data = await image.read()
+    files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
+    if files:
+        check_image_count(len(files), image is not None, s)
+        data = b""
+    elif not isinstance(image, UploadFile):
+        raise Unprocessable("image: a file field named 'image' is required (or 'images' fields)")
+    else:
+        data = await image.read()
     raw_labels = [v for v in form.getlist("labels") if isinstance(v, str)]
     if len(raw_labels) == 1 and raw_labels[0].lstrip().startswith("["):
         try:
@@ -76,7 +117,7 @@ async def _parse_multipart(request: Request, s: Settings) -> tuple[ClassifyJSON,
         value = form.get(name)
         if isinstance(value, str) and value != "":
             fields[name] = value
-    return validated(ClassifyJSON, fields), data
+    return validated(ClassifyJSON, fields), data, [await f.read() for f in files]
 
 
 def check_labels(labels: list[str], s: Settings) -> list[str]:

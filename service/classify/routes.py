@@ -7,9 +7,21 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from service.classify.request import parse_classify
+from service.classify.service import Ranked
+from service.errors import ApiError
 from service.http.deps import ClassifyDep
 from service.http.disconnect import ClientGone, unless_disconnected
-from service.http.schemas import ClassifyJSON, ClassifyResponse, ErrorBody, LabelScore, inline_schema
+from service.http.schemas import (
+    ClassifiedRow,
+    ClassifyJSON,
+    ClassifyManyResponse,
+    ClassifyResponse,
+    ErrorBody,
+    ErrorDetail,
+    FailedRow,
+    LabelScore,
+    inline_schema,
+)
 
 router = APIRouter(tags=["inference"])
 
@@ -29,6 +41,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 _FIELDS = {
     "image": {"type": "string", "format": "binary"},
+    "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
     "labels": {"type": "array", "items": {"type": "string"}},
     "adapter": {"type": "string"},
     "top_k": {"type": "integer", "minimum": 1},
@@ -39,7 +52,7 @@ CLASSIFY_BODY = {
         "required": True,
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["image", "labels"], "properties": _FIELDS}
+                "schema": {"type": "object", "required": ["labels"], "properties": _FIELDS}
             },
             "application/json": {"schema": inline_schema(ClassifyJSON)},
         },
@@ -49,21 +62,37 @@ CLASSIFY_BODY = {
 
 @router.post(
     "/v1/classify",
-    response_model=ClassifyResponse,
+    response_model=ClassifyResponse | ClassifyManyResponse,
     responses=ERROR_RESPONSES,
     openapi_extra=CLASSIFY_BODY,
 )
 async def classify(request: Request, service: ClassifyDep) -> Any:
-    """Classify one image against a label set, zero-shot or with a prompt adapter."""
+    """Classify one image (``image``) or several (``images``, answered as ``results`` in
+    order) against a label set, zero-shot or with a prompt adapter."""
     with service.lane.admit() as place:  # before the body is read
         call = await parse_classify(request, service.settings)
         try:
-            ranked = await unless_disconnected(request, service.classify(call, place))
+            if call.images is not None:
+                rows = await unless_disconnected(request, service.classify_many(call, place))
+            else:
+                ranked = await unless_disconnected(request, service.classify(call, place))
         except ClientGone:
             service.lane.client_gone()
             return Response(status_code=499)
-    return ClassifyResponse(
-        model=ranked.model,
-        adapter=ranked.adapter,
-        labels=[LabelScore(label=label, score=score, logit=logit) for label, score, logit in ranked.labels],
-    )
+    if call.images is not None:
+        return ClassifyManyResponse(
+            model=service.model_id,
+            adapter=next((r.adapter for r in rows if isinstance(r, Ranked)), call.adapter),
+            results=[_row(i, r) for i, r in enumerate(rows)],
+        )
+    return ClassifyResponse(model=ranked.model, adapter=ranked.adapter, labels=_scores(ranked))
+
+
+def _scores(ranked: Ranked) -> list[LabelScore]:
+    return [LabelScore(label=label, score=score, logit=logit) for label, score, logit in ranked.labels]
+
+
+def _row(index: int, row: Ranked | ApiError) -> ClassifiedRow | FailedRow:
+    if isinstance(row, ApiError):
+        return FailedRow(index=index, error=ErrorDetail(code=row.code, message=row.message))
+    return ClassifiedRow(index=index, labels=_scores(row))

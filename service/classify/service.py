@@ -10,13 +10,16 @@ import math
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+import torch
+
 from service.backbones.clip import ClipBackbone
 from service.classify.handler import ClassifyHandler, ClassifyItem, ClassifyResult
 from service.classify.request import ClassifyCall
+from service.errors import ApiError, Overloaded
 from service.http.admission import Lane, Place
 from service.http.images import decode_image
 from service.http.schemas import DEFAULT_TEMPLATE
-from service.registry.adapter_registry import AdapterRegistry
+from service.registry.adapter_registry import AdapterRegistry, LoadedAdapter
 from service.scheduling.batcher import BatchQueue
 from service.settings import Settings
 
@@ -47,27 +50,75 @@ class ClassifyService:
     async def classify(self, call: ClassifyCall, place: Place) -> Ranked:
         """Decode ``call``'s image off the loop, queue it, and rank its labels. ``place`` (its
         place at the arrival gate) is given back once the item is queued."""
-        s = self.settings
         adapter = await self.registry.acquire(call.adapter, "maple") if call.adapter else None
         try:
-            # An adapter is used with the template it was trained with unless told otherwise.
-            template = call.template or (adapter.template if adapter else None) or DEFAULT_TEMPLATE
-            clip = self.clip
-            draft = clip.draft_min_side if s.jpeg_draft else None  # opt-in: changes pixels
-            pixels = await asyncio.get_running_loop().run_in_executor(
-                self.decode_pool,
-                lambda: clip.preprocess(
-                    decode_image(call.image, max_pixels=s.max_image_pixels, draft_min_side=draft)
-                ),
-            )
+            template = self._template(call, adapter)
+            pixels = await self._decode(call.image)
             place.release()  # queued from here on: the queue's bound counts it
-            with self.lane.refusals():
-                result = await self.queue.submit(
-                    ClassifyItem(pixels, call.labels, template, adapter), s.request_timeout_s
-                )
+            return await self._row(call, pixels, template, adapter)
         finally:
             if adapter is not None:
                 self.registry.release(adapter)
+
+    async def classify_many(self, call: ClassifyCall, place: Place) -> list[Ranked | ApiError]:
+        """``call.images`` in order, each row decoded, queued and ranked as a request of its
+        own would be (batched with every other row), and failing alone: a row's answer is
+        its ranking or its error. The rows are admitted together or refused together."""
+        s = self.settings
+        adapter = await self.registry.acquire(call.adapter, "maple") if call.adapter else None
+        try:
+            template = self._template(call, adapter)
+            images = call.images or []
+            decoded = await asyncio.gather(*(self._decode_row(image) for image in images))
+            if self.queue.depth + len(images) > s.max_queue:
+                self.lane.metrics.rejected.labels(self.lane.name, "queue_full").inc()
+                raise Overloaded(
+                    f"server busy: {self.queue.depth} requests queued; {len(images)} images need a place "
+                    "each",
+                    retry_after_s=self.lane.busy_retry_after_s,
+                )
+            place.release()  # queued from here on: the queue's bound counts each row
+
+            async def row(pixels: torch.Tensor | ApiError) -> Ranked | ApiError:
+                if isinstance(pixels, ApiError):
+                    return pixels
+                try:
+                    return await self._row(call, pixels, template, adapter)
+                except ApiError as exc:  # this row's own failure (a deadline, a prompt too long)
+                    return exc
+
+            return list(await asyncio.gather(*(row(p) for p in decoded)))
+        finally:
+            if adapter is not None:
+                self.registry.release(adapter)
+
+    def _template(self, call: ClassifyCall, adapter: LoadedAdapter | None) -> str:
+        # An adapter is used with the template it was trained with unless told otherwise.
+        return call.template or (adapter.template if adapter else None) or DEFAULT_TEMPLATE
+
+    async def _decode(self, image: bytes) -> torch.Tensor:
+        clip, s = self.clip, self.settings
+        draft = clip.draft_min_side if s.jpeg_draft else None  # opt-in: changes pixels
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decode_pool,
+            lambda: clip.preprocess(decode_image(image, max_pixels=s.max_image_pixels, draft_min_side=draft)),
+        )
+
+    async def _decode_row(self, image: bytes | ApiError) -> torch.Tensor | ApiError:
+        if isinstance(image, ApiError):
+            return image
+        try:
+            return await self._decode(image)
+        except ApiError as exc:
+            return exc
+
+    async def _row(
+        self, call: ClassifyCall, pixels: torch.Tensor, template: str, adapter: LoadedAdapter | None
+    ) -> Ranked:
+        with self.lane.refusals():
+            result = await self.queue.submit(
+                ClassifyItem(pixels, call.labels, template, adapter), self.settings.request_timeout_s
+            )
         scores = softmax(result.logits)
         ranked = sorted(range(len(call.labels)), key=lambda i: -scores[i])[: call.top_k]
         return Ranked(

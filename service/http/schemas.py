@@ -12,7 +12,12 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 class ClassifyJSON(BaseModel):
     """``POST /v1/classify`` as JSON; multipart/form-data takes the same fields."""
 
-    image: str = Field(description="The image as base64 or a data: URL (no remote URLs).")
+    image: str | None = Field(None, description="The image as base64 or a data: URL (no remote URLs).")
+    images: list[str] | None = Field(
+        None,
+        description="Several images instead of one (not both), answered as 'results' in the same "
+        "order; each is classified as a request of its own would be and fails alone.",
+    )
     labels: list[str] = Field(description="Candidate labels, unique, at least one.")
     adapter: str | None = Field(None, description="Adapter as 'name' (latest) or 'name@version'.")
     top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels.")
@@ -31,6 +36,24 @@ class ClassifyResponse(BaseModel):
     model: str
     adapter: str | None = Field(description="'name@version' of the adapter used, or null.")
     labels: list[LabelScore] = Field(description="Sorted by score, highest first.")
+
+
+class ClassifiedRow(BaseModel):
+    index: int = Field(description="The image's place in the request's images.")
+    labels: list[LabelScore] = Field(description="Sorted by score, highest first.")
+
+
+class FailedRow(BaseModel):
+    index: int
+    error: ErrorDetail = Field(description="This image's error, as a request of its own would get.")
+
+
+class ClassifyManyResponse(BaseModel):
+    """The answer to a request with ``images``: one row per image, in order."""
+
+    model: str
+    adapter: str | None = Field(description="'name@version' of the adapter used, or null.")
+    results: list[ClassifiedRow | FailedRow]
 
 
 class ModelCard(BaseModel):
