@@ -73,7 +73,7 @@ async def classify(request: Request, service: ClassifyDep) -> Any:
         call = await parse_classify(request, service.settings)
         try:
             if call.images is not None:
-                rows = await unless_disconnected(request, service.classify_many(call, place))
+                used, rows = await unless_disconnected(request, service.classify_many(call, place))
             else:
                 ranked = await unless_disconnected(request, service.classify(call, place))
         except ClientGone:
@@ -82,7 +82,7 @@ async def classify(request: Request, service: ClassifyDep) -> Any:
     if call.images is not None:
         return ClassifyManyResponse(
             model=service.model_id,
-            adapter=next((r.adapter for r in rows if isinstance(r, Ranked)), call.adapter),
+            adapter=used,
             results=[_row(i, r) for i, r in enumerate(rows)],
         )
     return ClassifyResponse(model=ranked.model, adapter=ranked.adapter, labels=_scores(ranked))

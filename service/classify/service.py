@@ -60,10 +60,13 @@ class ClassifyService:
             if adapter is not None:
                 self.registry.release(adapter)
 
-    async def classify_many(self, call: ClassifyCall, place: Place) -> list[Ranked | ApiError]:
+    async def classify_many(
+        self, call: ClassifyCall, place: Place
+    ) -> tuple[str | None, list[Ranked | ApiError]]:
         """``call.images`` in order, each row decoded, queued and ranked as a request of its
         own would be (batched with every other row), and failing alone: a row's answer is
-        its ranking or its error. The rows are admitted together or refused together."""
+        its ranking or its error. The rows are admitted together or refused together. Returns
+        the adapter used ("name@version", or None) and the rows."""
         s = self.settings
         adapter = await self.registry.acquire(call.adapter, "maple") if call.adapter else None
         try:
@@ -87,7 +90,8 @@ class ClassifyService:
                 except ApiError as exc:  # this row's own failure (a deadline, a prompt too long)
                     return exc
 
-            return list(await asyncio.gather(*(row(p) for p in decoded)))
+            rows = list(await asyncio.gather(*(row(p) for p in decoded)))
+            return (adapter.key if adapter is not None else None), rows
         finally:
             if adapter is not None:
                 self.registry.release(adapter)
