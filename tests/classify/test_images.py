@@ -7,7 +7,7 @@ import base64
 
 import pytest
 
-from tests.adapter_files import adapter_bytes
+from fixtures.adapters import adapter_bytes
 from tests.conftest import encode, make_image, running_app
 
 LABELS = ["cat", "dog", "a red sports car", "boat"]
