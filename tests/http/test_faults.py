@@ -16,7 +16,7 @@ from service.registry import store as store_module
 from tests.classify.test_errors import assert_error, form, still_serving
 from tests.conftest import encode, make_image, running_app
 from tests.http.test_overload import Gate
-from tests.registry.test_admin_api import TOKEN, loaded, upload
+from tests.registry.test_admin_api import TOKEN, upload
 
 
 def full_tree(root: Path) -> dict[str, bytes | None]:
@@ -127,57 +127,3 @@ async def test_model_exception_fails_only_its_batch(make_settings, monkeypatch, 
         assert all(r.status_code == 200 for r in after)
         await client.aclose()
     assert "illegal memory access" in caplog.text  # the operator sees what happened
-
-
-def simulate_device_capacity(registry, adapters: int) -> list[str]:
-    """Make the maple placement raise the device's out-of-memory error once ``adapters``
-    adapters are loaded; returns the keys whose placement hit it."""
-    import torch
-
-    from service.registry.placement import Placement
-
-    real = registry.placements["maple"]
-    refused: list[str] = []
-
-    def place(folded):
-        if len(registry._loaded) >= adapters:
-            refused.append(f"{len(registry._loaded)} loaded")
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
-        return real.place(folded)
-
-    registry.placements["maple"] = Placement(real.fingerprint, place)
-    return refused
-
-
-async def test_device_oom_during_adapter_load_evicts_idle_adapters_and_retries(make_settings, tiny_clip_dir):
-    async with running_app(make_settings(admin_token=TOKEN)) as (client, app):
-        registry = app.state.runtime.services.registry
-        for seed, name in enumerate(("a", "b", "c")):
-            assert (await upload(client, adapter_bytes(tiny_clip_dir, name, seed=seed))).status_code == 201
-        reference = (
-            await client.post("/v1/classify", **form(encode(make_image(3)), ["x", "y"], adapter="c"))
-        ).json()
-        registry.forget([registry.store.get("c")])  # cold again
-        refused = simulate_device_capacity(registry, adapters=2)
-        for name in ("a", "b"):
-            assert (
-                await client.post("/v1/classify", **form(encode(make_image(3)), ["x", "y"], adapter=name))
-            ).status_code == 200
-        # The device is full: loading c evicts a (least recently used), then succeeds.
-        response = await client.post("/v1/classify", **form(encode(make_image(3)), ["x", "y"], adapter="c"))
-        assert response.status_code == 200, response.text
-        assert response.json() == reference
-        assert refused == ["2 loaded"]
-        assert [await loaded(client, name) for name in ("a", "b", "c")] == [False, True, True]
-        metrics = (await client.get("/metrics")).text
-        assert "promptswap_adapter_load_oom_total 1.0" in metrics
-
-
-async def test_device_oom_with_nothing_to_evict_is_503(make_settings, tiny_clip_dir):
-    async with running_app(make_settings(admin_token=TOKEN)) as (client, app):
-        assert (await upload(client, adapter_bytes(tiny_clip_dir, "a", seed=1))).status_code == 201
-        simulate_device_capacity(app.state.runtime.services.registry, adapters=0)
-        response = await client.post("/v1/classify", **form(encode(make_image(3)), ["x", "y"], adapter="a"))
-        assert "memory" in assert_error(response, 503, "unavailable")["message"]
-        assert response.headers["Retry-After"] == "2"
-        await still_serving(client)  # zero-shot needs no adapter memory
