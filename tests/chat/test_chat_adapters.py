@@ -13,9 +13,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-from adapters.format import dump
-from adapters.m2pt import M2ptConfig, M2ptPromptLearner, fold, llava_fingerprint
 from adapters.prompted_llava import explicit_forward
+from fixtures.adapters import m2pt_adapter_bytes, random_m2pt
 from tests.conftest import encode, make_image, running_app
 from tests.llava_fixtures import save_tiny_llava
 
@@ -29,18 +28,12 @@ def llava_dir(tmp_path_factory) -> Path:
 
 
 def m2pt_folded(llava_dir: Path, seed: int, n_text: int = 3):
-    torch.manual_seed(seed)
-    config = M2ptConfig.for_llava(LlavaConfig.from_pretrained(llava_dir), n_vision=2, n_text=n_text)
-    learner = M2ptPromptLearner(config)
-    with torch.no_grad():  # larger prompts so the adapter visibly changes the answer
-        for p in [*learner.vision_prompts, *learner.text_prompts]:
-            p.mul_(20)
-    return fold(learner)
+    # larger prompts (x20) so the adapter visibly changes the answer
+    return random_m2pt(LlavaConfig.from_pretrained(llava_dir), seed, n_vision=2, n_text=n_text, scale=20)
 
 
 def m2pt_bytes(llava_dir: Path, name: str, seed: int, n_text: int = 3) -> bytes:
-    backbone = llava_fingerprint(LlavaConfig.from_pretrained(llava_dir))
-    return dump(m2pt_folded(llava_dir, seed, n_text), name=name, backbone=backbone)
+    return m2pt_adapter_bytes(llava_dir, name, seed, n_vision=2, n_text=n_text, scale=20)
 
 
 async def chat(client, image_seed: int, adapter: str | None = None, max_tokens: int = 10):
