@@ -40,7 +40,8 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(services: ServicesDep, runtime: RuntimeDep) -> ModelList:
-    """What a request can name: the backbones, and each adapter as name and name@version."""
+    """What a request can name: the backbones, and each adapter as name, name@version,
+    name@latest and name@alias."""
     cards = []
     if services.classify is not None:
         cards.append(ModelCard(id=services.classify.model_id, kind="clip", task="classify"))
@@ -54,5 +55,7 @@ async def models(services: ServicesDep, runtime: RuntimeDep) -> ModelList:
         task = "chat" if described["method"] == "m2pt" else "classify"
         for version in described["versions"]:
             cards.append(ModelCard(id=version["key"], kind="adapter", task=task))
+        for alias in ("latest", *described["aliases"]):
+            cards.append(ModelCard(id=f"{described['name']}@{alias}", kind="adapter", task=task))
         cards.append(ModelCard(id=described["name"], kind="adapter", task=task))
     return ModelList(data=cards)

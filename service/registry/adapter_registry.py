@@ -1,6 +1,8 @@
 """The adapter registry: the store on disk plus the device cache.
 
-An adapter is named ``name`` (its latest version) or ``name@version``. A request
+An adapter is named ``name``, ``name@version`` or ``name@alias``: ``name@latest`` is the
+highest version, an alias points at a version (see the store), and the plain ``name`` means
+its ``default`` alias when it has one, else ``latest``. A request
 *acquires* a loaded version and releases it when answered: acquired versions are
 pinned (never evicted mid-request), and a request keeps the version it acquired even
 when a newer one is uploaded meanwhile (hot swap). The device cache holds loaded
@@ -24,18 +26,20 @@ import torch
 
 from adapters.errors import AdapterError
 from adapters.format import (
+    METHODS,
     Adapter,
     Manifest,
     check_name,
     encode_adapter,
     load_adapter,
     read_adapter_file,
+    tensors_sha256,
     validate_for_backbone,
 )
 from service.errors import AdapterCorrupted, AdapterNotFound, DeviceFull, NoBackboneFor, WrongMethod
 from service.metrics import Metrics
 from service.registry.placement import Placement
-from service.registry.store import AdapterStore, StoredVersion
+from service.registry.store import ALIAS_RE, DEFAULT, LATEST, AdapterStore, StoredVersion
 
 log = logging.getLogger("promptswap.registry")
 
@@ -77,18 +81,26 @@ class _Vanished(Exception):
     """The resolved file was deleted before it could be read."""
 
 
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """``name`` or ``name@version`` -> (name, version or None)."""
-    name, sep, version = ref.partition("@")
+Selector = int | str | None  # a version, an alias (or "latest"), or None: the plain name
+
+
+def parse_ref(ref: str) -> tuple[str, Selector]:
+    """``name``, ``name@version`` or ``name@alias`` -> (name, version or alias or None)."""
+    name, sep, selector = ref.partition("@")
     try:
         check_name(name)
     except AdapterError as exc:
-        raise AdapterNotFound(f"adapter {ref!r} not found ({exc})") from None
+        raise AdapterNotFound(f"adapter {ref[:80]!r} not found ({exc})") from None
     if not sep:
         return name, None
-    if not version.isdigit() or not (0 < int(version) < 10**9):
-        raise AdapterNotFound(f"adapter {ref!r} not found: the version must be a positive integer")
-    return name, int(version)
+    if selector.isdigit() and 0 < int(selector) < 10**9:
+        return name, int(selector)
+    if ALIAS_RE.fullmatch(selector):
+        return name, selector
+    raise AdapterNotFound(
+        f"adapter {ref[:80]!r} not found: after '@' give a version (a positive integer) or an alias "
+        "(a-z, 0-9, '_', '-', starting with a letter)"
+    )
 
 
 class AdapterRegistry:
@@ -143,10 +155,21 @@ class AdapterRegistry:
         self._metrics.adapter_requests.labels(adapter.name).inc()
         return adapter
 
-    async def _resolve(self, ref: str, name: str, version: int | None) -> LoadedAdapter:
+    def resolve(self, name: str, selector: Selector) -> StoredVersion | None:
+        """The stored version a reference means now (blocking: call off the loop)."""
+        if isinstance(selector, int):
+            return self.store.get(name, selector)
+        if selector == LATEST:
+            return self.store.get(name)
+        version = self.store.alias(name, selector or DEFAULT)
+        if version is None:
+            return self.store.get(name) if selector is None else None
+        return self.store.get(name, version)
+
+    async def _resolve(self, ref: str, name: str, version: Selector) -> LoadedAdapter:
         loop = asyncio.get_running_loop()
         for attempt in range(2):
-            stored = await loop.run_in_executor(self._io, self.store.get, name, version)
+            stored = await loop.run_in_executor(self._io, self.resolve, name, version)
             if stored is None:
                 raise AdapterNotFound(f"adapter {ref!r} not found")
             adapter = self._loaded.get(stored.key)
@@ -155,9 +178,9 @@ class AdapterRegistry:
             try:
                 return await self._load_once(stored)  # cold, or a new file under the key
             except _Vanished:
-                # Deleted between resolving and reading. "name" means the latest version:
-                # resolve again (an older one may remain); "name@version" is gone.
-                if version is not None or attempt == 1:
+                # Deleted between resolving and reading. "name" or an alias may mean another
+                # version now: resolve again; "name@version" is gone.
+                if isinstance(version, int) or attempt == 1:
                     raise AdapterNotFound(f"adapter {stored.key!r} not found (deleted)") from None
         raise AssertionError("unreachable")
 
@@ -255,14 +278,40 @@ class AdapterRegistry:
             adapter = Adapter(replace(adapter.manifest, name=check_name(name)), adapter.folded)
         return adapter
 
-    def store_adapter(self, adapter: Adapter) -> StoredVersion:
-        """Write the next version of the adapter's name (blocking: call off the loop)."""
-        return self.store.put(
+    def store_adapter(self, adapter: Adapter) -> tuple[StoredVersion, Manifest, bool]:
+        """Write the next version of the adapter's name, unless a version of that name holds
+        the same tensors: then nothing is written and that version is the answer. Returns
+        (version, its manifest, whether it is new); blocking: call off the loop.
+
+        Two identical uploads racing on two replicas may both be stored (harmless: the
+        newer is a copy); one replica never stores a copy of what it can read."""
+        # The stored form is fp32: compare the upload as it will be stored.
+        spec = METHODS[adapter.manifest.method]
+        sha = tensors_sha256(
+            {k: v.detach().to(torch.float32) for k, v in spec.to_tensors(adapter.folded).items()}
+        )
+        for existing in reversed(self.store.versions(adapter.name)):
+            manifest = self.manifest_of(existing)
+            if manifest is not None and manifest.tensors_sha256 == sha:
+                return existing, manifest, False
+        stored = self.store.put(
             adapter.name,
             lambda version: encode_adapter(
                 Adapter(replace(adapter.manifest, version=version), adapter.folded)
             ),
         )
+        return stored, replace(adapter.manifest, version=stored.version, tensors_sha256=sha), True
+
+    def manifest_of(self, stored: StoredVersion) -> Manifest | None:
+        """The manifest of a stored version (read once per file), None if unreadable."""
+        manifest = self._manifests.get(stored.file_id)
+        if manifest is None:
+            try:
+                manifest = read_adapter_file(stored.path, max_bytes=self.max_adapter_bytes).manifest
+            except AdapterError:
+                return None
+            self._remember_manifest(stored.file_id, manifest)
+        return manifest
 
     def forget(self, removed: list[StoredVersion]) -> None:
         """Drop deleted versions from the device cache (in-flight requests keep theirs)."""
@@ -281,29 +330,35 @@ class AdapterRegistry:
         return [d for n in self.store.names() if (d := self.describe(n)) is not None]
 
     def describe(self, name: str) -> dict[str, Any] | None:
-        """Versions of ``name`` and the latest one's manifest (blocking: call off the loop)."""
+        """Versions and aliases of ``name`` and the manifest of what the plain name means
+        (blocking: call off the loop)."""
         versions = self.store.versions(name)
         if not versions:
             return None
+        aliases = self.store.aliases(name)
+        default = aliases.get(DEFAULT, versions[-1].version)
         described: dict[str, Any] = {
             "name": name,
             "latest": versions[-1].version,
+            "default": default,
+            "aliases": aliases,
             "versions": [
                 {
                     "version": v.version,
                     "key": v.key,
                     "size_bytes": v.size,
                     "loaded": v.key in self._loaded,
+                    "aliases": [a for a, n in aliases.items() if n == v.version],
                 }
                 for v in versions
             ],
         }
-        latest = versions[-1]
-        manifest = self._manifests.get(latest.file_id)
+        shown = next((v for v in versions if v.version == default), versions[-1])
         try:
+            manifest = self._manifests.get(shown.file_id)
             if manifest is None:
-                manifest = read_adapter_file(latest.path, max_bytes=self.max_adapter_bytes).manifest
-                self._remember_manifest(latest.file_id, manifest)
+                manifest = read_adapter_file(shown.path, max_bytes=self.max_adapter_bytes).manifest
+                self._remember_manifest(shown.file_id, manifest)
         except AdapterError as exc:
             described["error"] = str(exc)
         else:

@@ -1,4 +1,4 @@
-"""Adapters: upload, delete (admin, bearer token) and list (public)."""
+"""Adapters: upload, alias, delete (admin, bearer token) and list (public)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.errors import (
     BadRequest,
+    Conflict,
     InsufficientStorage,
     NotFound,
     PayloadTooLarge,
@@ -23,7 +25,7 @@ from service.errors import (
 from service.http.deps import RegistryDep, RuntimeDep
 from service.http.schemas import ErrorBody
 from service.registry.adapter_registry import parse_ref
-from service.registry.store import StoreFull
+from service.registry.store import NoSuchVersion, StoreFull, VersionAliased, check_alias
 
 router = APIRouter()
 
@@ -70,7 +72,9 @@ UPLOAD_BODY = {
     tags=["admin"],
 )
 async def upload_adapter(request: Request, registry: RegistryDep, runtime: RuntimeDep) -> JSONResponse:
-    """Upload an adapter file (multipart field ``file``); stored as the name's next version.
+    """Upload an adapter file (multipart field ``file``); stored as the name's next version
+    (201). When a version of that name already holds the same tensors, nothing is stored and
+    the answer is that version (200).
 
     The optional field ``name`` overrides the manifest's name. A refused upload leaves
     the store exactly as it was.
@@ -91,20 +95,21 @@ async def upload_adapter(request: Request, registry: RegistryDep, runtime: Runti
     loop = asyncio.get_running_loop()
     adapter = await loop.run_in_executor(runtime.decode_pool, registry.parse_upload, data, name)
     try:
-        stored = await loop.run_in_executor(runtime.decode_pool, registry.store_adapter, adapter)
+        stored, manifest, created = await loop.run_in_executor(
+            runtime.decode_pool, registry.store_adapter, adapter
+        )
     except StoreFull:
         raise InsufficientStorage("the adapter store is out of space; nothing was stored") from None
-    manifest = json.loads(adapter.manifest.to_json())
-    manifest["version"] = stored.version
     return JSONResponse(
         {
             "name": stored.name,
             "version": stored.version,
             "key": stored.key,
             "size_bytes": stored.size,
-            "manifest": manifest,
+            "created": created,
+            "manifest": json.loads(manifest.to_json()),
         },
-        status_code=201,
+        status_code=201 if created else 200,
         headers={"Location": f"/v1/adapters/{stored.name}"},
     )
 
@@ -112,14 +117,73 @@ async def upload_adapter(request: Request, registry: RegistryDep, runtime: Runti
 @router.delete("/v1/admin/adapters/{ref}", dependencies=[AdminDep], responses=ERRORS, tags=["admin"])
 async def delete_adapter(ref: str, registry: RegistryDep, runtime: RuntimeDep) -> dict[str, Any]:
     """Delete ``name`` (every version) or ``name@version``. Requests already admitted
-    finish on the version they hold."""
+    finish on the version they hold. A version an alias points at is not deleted (409):
+    move or remove the alias first."""
     name, version = parse_ref(ref)
+    if isinstance(version, str):
+        raise Unprocessable(
+            f"delete {name!r} or {name}@VERSION; to remove the alias, "
+            f"DELETE /v1/admin/adapters/{name}/aliases/{version}"
+        )
     loop = asyncio.get_running_loop()
-    removed = await loop.run_in_executor(runtime.decode_pool, registry.store.delete, name, version)
+    try:
+        removed = await loop.run_in_executor(runtime.decode_pool, registry.store.delete, name, version)
+    except VersionAliased as exc:
+        raise Conflict(f"adapter {ref!r} was not deleted: {exc}") from None
     if not removed:
         raise NotFound(f"adapter {ref!r} not found")
     registry.forget(removed)
     return {"deleted": [v.key for v in removed]}
+
+
+class AliasTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # "1" is not a version
+    version: int = Field(ge=1, lt=10**9, description="The version the alias points at.")
+
+
+def _alias_of(name: str, alias: str) -> tuple[str, str]:
+    parsed, selector = parse_ref(name)
+    if selector is not None:
+        raise NotFound(f"adapter {name!r} not found: name the adapter without '@'")
+    try:
+        return parsed, check_alias(alias)
+    except ValueError as exc:
+        raise Unprocessable(str(exc)) from None
+
+
+@router.put(
+    "/v1/admin/adapters/{name}/aliases/{alias}", dependencies=[AdminDep], responses=ERRORS, tags=["admin"]
+)
+async def set_alias(
+    name: str, alias: str, target: AliasTarget, registry: RegistryDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    """Point ``name@alias`` at a stored version, atomically: every replica sharing the store
+    resolves it to the new version from its next request; requests already admitted finish
+    on the version they resolved. The alias ``default``, when set, is what ``name`` means."""
+    name, alias = _alias_of(name, alias)
+    loop = asyncio.get_running_loop()
+    try:
+        previous = await loop.run_in_executor(
+            runtime.decode_pool, registry.store.set_alias, name, alias, target.version
+        )
+    except NoSuchVersion:
+        raise NotFound(f"adapter {name}@{target.version} not found: upload it first") from None
+    except StoreFull:
+        raise InsufficientStorage("the adapter store is out of space; the alias is unchanged") from None
+    return {"name": name, "alias": alias, "version": target.version, "previous": previous}
+
+
+@router.delete(
+    "/v1/admin/adapters/{name}/aliases/{alias}", dependencies=[AdminDep], responses=ERRORS, tags=["admin"]
+)
+async def delete_alias(name: str, alias: str, registry: RegistryDep, runtime: RuntimeDep) -> dict[str, Any]:
+    """Remove an alias (the versions stay). Without ``default``, ``name`` means ``latest``."""
+    name, alias = _alias_of(name, alias)
+    loop = asyncio.get_running_loop()
+    previous = await loop.run_in_executor(runtime.decode_pool, registry.store.delete_alias, name, alias)
+    if previous is None:
+        raise NotFound(f"alias {name}@{alias} not found")
+    return {"name": name, "alias": alias, "deleted": True, "previous": previous}
 
 
 @router.get("/v1/adapters", tags=["adapters"])
@@ -131,7 +195,7 @@ async def list_adapters(registry: RegistryDep, runtime: RuntimeDep) -> dict[str,
 
 @router.get("/v1/adapters/{name}", responses={404: {"model": ErrorBody}}, tags=["adapters"])
 async def get_adapter(name: str, registry: RegistryDep, runtime: RuntimeDep) -> dict[str, Any]:
-    """One adapter: versions, method, sizes, loaded or not."""
+    """One adapter: versions, aliases, method, sizes, loaded or not."""
     parsed, _ = parse_ref(name)
     loop = asyncio.get_running_loop()
     described = await loop.run_in_executor(runtime.decode_pool, registry.describe, parsed)

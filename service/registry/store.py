@@ -9,16 +9,25 @@ once: a writer first claims its number by creating ``<name>/.claimed/<version>``
 O_EXCL (atomic on one host and on NFSv3+), and a claim outlives its file, so ``name@3``
 always means one content. Names are checked against ``[a-z0-9][a-z0-9._-]{0,63}`` before
 any path is built, so no name can leave the root.
+
+Aliases: ``<name>/.aliases/<alias>`` holds a version number as text. Setting one writes a
+temp file, fsyncs it and renames it over the old one (atomic: a reader sees the old
+version or the new one, never neither), so every replica sharing the store sees the move
+on its next read. Alias changes and version deletes of one name hold ``<name>/.lock``
+(``flock``), so no alias can come to point at a version being deleted, and no version an
+alias points at is deleted.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +35,42 @@ from adapters.format import check_name
 
 SUFFIX = ".safetensors"
 CLAIMED = ".claimed"
+ALIASES = ".aliases"
+LOCK = ".lock"
+ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+LATEST = "latest"  # reserved: always the highest version
+DEFAULT = "default"  # when set, what the plain name means
 STALE_TEMP_S = 3600.0  # a temp file this old belongs to a writer that died
 _VERSION_FILE = re.compile(r"([1-9][0-9]{0,8})\.safetensors")
 
 
 class StoreFull(OSError):
     """The disk refused the write (ENOSPC / EDQUOT); the store is unchanged."""
+
+
+class VersionAliased(Exception):
+    """A delete would remove versions that aliases point at; nothing was deleted."""
+
+    def __init__(self, name: str, aliases: dict[str, int]) -> None:
+        self.name, self.aliases = name, aliases
+        named = ", ".join(f"{a} -> {name}@{v}" for a, v in sorted(aliases.items()))
+        super().__init__(f"aliases point at it ({named}): move or remove them first")
+
+
+class NoSuchVersion(Exception):
+    """An alias was to point at a version that is not stored."""
+
+
+def check_alias(alias: object) -> str:
+    """An alias name, else ValueError (``latest`` is reserved)."""
+    if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias):
+        raise ValueError(
+            f"alias {str(alias)[:40]!r} is invalid: use 1-32 characters of a-z, 0-9, '_', '-', "
+            "starting with a letter"
+        )
+    if alias == LATEST:
+        raise ValueError("alias 'latest' is reserved: it always means the highest version")
+    return alias
 
 
 @dataclass(frozen=True)
@@ -151,20 +190,100 @@ class AdapterStore:
             raise
 
     def delete(self, name: str, version: int | None = None) -> list[StoredVersion]:
-        """Remove one version or all of ``name``; returns what was removed."""
-        doomed = self.versions(name)
-        if version is not None:
-            doomed = [v for v in doomed if v.version == version]
-        for stored in doomed:
-            stored.path.unlink(missing_ok=True)
+        """Remove one version or all of ``name``; returns what was removed.
+
+        Raises ``VersionAliased`` (deleting nothing) when an alias points at one of them.
+        """
         directory = self.root / check_name(name)
-        if doomed:
-            self._fsync_dir(directory)
-            try:
-                directory.rmdir()  # only when empty
-            except OSError:
-                pass
+        if not directory.is_dir():
+            return []
+        with self._locked(directory):
+            doomed = self.versions(name)
+            if version is not None:
+                doomed = [v for v in doomed if v.version == version]
+            gone = {v.version for v in doomed}
+            held = {a: v for a, v in self.aliases(name).items() if v in gone}
+            if held:
+                raise VersionAliased(name, held)
+            for stored in doomed:
+                stored.path.unlink(missing_ok=True)
+            if doomed:
+                self._fsync_dir(directory)
         return doomed
+
+    # ------------------------------------------------------------------ aliases
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """Every alias of ``name`` and the version it points at."""
+        directory = self.root / check_name(name) / ALIASES
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return {}
+        found = {}
+        for entry in entries:
+            if ALIAS_RE.fullmatch(entry.name) and (version := self._read_alias(Path(entry.path))):
+                found[entry.name] = version
+        return dict(sorted(found.items()))
+
+    def alias(self, name: str, alias: str) -> int | None:
+        """The version ``alias`` points at, or None when it is not set."""
+        return self._read_alias(self.root / check_name(name) / ALIASES / check_alias(alias))
+
+    def set_alias(self, name: str, alias: str, version: int) -> int | None:
+        """Point ``alias`` at ``version`` (atomically); returns the version it pointed at
+        before, if any. Raises ``NoSuchVersion`` when that version is not stored."""
+        directory = self.root / check_name(name)
+        path = directory / ALIASES / check_alias(alias)
+        if not directory.is_dir():
+            raise NoSuchVersion(f"{name}@{version}")
+        with self._locked(directory):
+            if self.get(name, version) is None:
+                raise NoSuchVersion(f"{name}@{version}")
+            previous = self._read_alias(path)
+            path.parent.mkdir(exist_ok=True)
+            tmp = self.tmp / f"{uuid.uuid4().hex}.alias"
+            try:
+                self._write_synced(tmp, f"{version}\n".encode())
+                os.replace(tmp, path)  # atomic: readers see the old version or the new
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                _raise_if_full(exc)
+                raise
+            self._fsync_dir(path.parent)
+            return previous
+
+    def delete_alias(self, name: str, alias: str) -> int | None:
+        """Remove ``alias``; returns the version it pointed at, None if it was not set."""
+        directory = self.root / check_name(name)
+        path = directory / ALIASES / check_alias(alias)
+        if not directory.is_dir():
+            return None
+        with self._locked(directory):
+            previous = self._read_alias(path)
+            if previous is not None:
+                path.unlink(missing_ok=True)
+                self._fsync_dir(path.parent)
+            return previous
+
+    @staticmethod
+    def _read_alias(path: Path) -> int | None:
+        try:
+            text = path.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return int(text) if _VERSION_FILE.fullmatch(f"{text}{SUFFIX}") else None
+
+    @staticmethod
+    @contextmanager
+    def _locked(directory: Path) -> Iterator[None]:
+        """One alias change or delete of a name at a time, across processes (flock)."""
+        fd = os.open(directory / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _claim_version(self, directory: Path) -> Path:
         """The next version number of a name, claimed for this writer alone.

@@ -1,5 +1,5 @@
 """The adapter store on its own: version numbers under concurrent writers (threads here,
-replicas on a shared volume), claims, temp-file cleanup."""
+replicas on a shared volume), claims, temp-file cleanup, aliases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from service.registry.store import CLAIMED, STALE_TEMP_S, AdapterStore
+import pytest
+
+from service.registry.store import (
+    CLAIMED,
+    STALE_TEMP_S,
+    AdapterStore,
+    NoSuchVersion,
+    VersionAliased,
+    check_alias,
+)
 
 
 def put(store: AdapterStore, name: str = "pets") -> int:
@@ -78,3 +87,27 @@ def test_a_directory_fsync_failing_after_the_link_takes_the_file_back(tmp_path, 
             put(store)
     assert [v.version for v in store.versions("pets")] == [1]  # not half-stored
     assert put(store) == 3  # 2 may have been seen by a reader: it stays spent
+
+
+def test_aliases_are_shared_atomic_and_guard_their_versions(tmp_path):
+    one, two = AdapterStore(tmp_path), AdapterStore(tmp_path)  # two replicas' views
+    put(one), put(one)
+    assert one.set_alias("pets", "prod", 1) is None
+    assert two.alias("pets", "prod") == 1 and two.aliases("pets") == {"prod": 1}
+    assert two.set_alias("pets", "prod", 2) == 1  # moved: the old target is returned
+    assert one.alias("pets", "prod") == 2
+    with pytest.raises(NoSuchVersion):
+        one.set_alias("pets", "prod", 9)
+    assert one.alias("pets", "prod") == 2  # a refused move changes nothing
+    with pytest.raises(VersionAliased, match="prod -> pets@2"):
+        two.delete("pets", 2)
+    with pytest.raises(VersionAliased):
+        two.delete("pets")  # every version, so the aliased one too
+    assert [v.version for v in one.versions("pets")] == [1, 2]
+    assert [v.version for v in two.delete("pets", 1)] == [1]  # not aliased: deleted
+    assert one.delete_alias("pets", "prod") == 2 and two.delete_alias("pets", "prod") is None
+    assert [v.version for v in one.delete("pets")] == [2]
+    assert os.listdir(tmp_path / ".tmp") == []  # no temp file left behind
+    for bad in ("latest", "Prod", "9lives", "", "a/b"):
+        with pytest.raises(ValueError):
+            check_alias(bad)
