@@ -14,6 +14,7 @@ from service.errors import ApiError, BadRequest, Unprocessable, UnsupportedMedia
 from service.http.bodies import validated, validated_json
 from service.http.images import decode_base64_image
 from service.http.schemas import ClassifyJSON
+from service.registry.adapter_registry import LoadedAdapter
 from service.settings import Settings
 
 
@@ -22,10 +23,10 @@ class ClassifyCall:
     """One classify request, checked against the bounds; the image is still encoded."""
 
     image: bytes  # b"" when ``images`` is given
-    labels: list[str]
+    labels: list[str] | None  # None: the adapter's own labels (from its manifest)
     template: str | None  # None: the adapter's own template, else the default one
-    top_k: int
-    adapter: str | None  # "name" or "name@version"
+    top_k: int | None  # None: every label
+    adapter: str | None  # "name", "name@version" or "name@alias"
     # Several images (``images``): each still encoded, or the error that row answers with.
     images: list[bytes | ApiError] | None = None
 
@@ -49,12 +50,11 @@ async def parse_classify(request: Request, s: Settings) -> ClassifyCall:
         raise UnsupportedMediaType("send multipart/form-data or application/json")
     if images is None and body.image is None and not image:
         raise Unprocessable("image: an image is required (or images: a list of them)")
-    labels = check_labels(body.labels, s)
     return ClassifyCall(
         image=image,
-        labels=labels,
+        labels=check_labels(body.labels, s) if body.labels is not None else None,
         template=check_template(body.template, s),
-        top_k=min(body.top_k or len(labels), len(labels)),
+        top_k=body.top_k,
         adapter=body.adapter,
         images=images,
     )
@@ -112,12 +112,25 @@ async def _parse_multipart(request: Request, s: Settings) -> tuple[ClassifyJSON,
         if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
             raise Unprocessable("labels: the JSON array must hold strings")
         raw_labels = parsed
-    fields: dict[str, Any] = {"image": "", "labels": raw_labels}
+    # No labels field at all: the adapter's own labels; an explicit empty list is a 422.
+    given = bool(raw_labels) or "labels" in form
+    fields: dict[str, Any] = {"image": "", "labels": raw_labels if given else None}
     for name in ("adapter", "top_k", "template"):
         value = form.get(name)
         if isinstance(value, str) and value != "":
             fields[name] = value
     return validated(ClassifyJSON, fields), data, [await f.read() for f in files]
+
+
+def labels_of(adapter: LoadedAdapter | None) -> list[str]:
+    """The labels an adapter was trained with, for a request that gives none."""
+    if adapter is not None and adapter.labels:
+        return adapter.labels
+    if adapter is not None:
+        raise Unprocessable(
+            f"labels: at least one label is required (adapter {adapter.key!r} stores none in its manifest)"
+        )
+    raise Unprocessable("labels: at least one label is required (or name an adapter that stores its labels)")
 
 
 def check_labels(labels: list[str], s: Settings) -> list[str]:

@@ -51,9 +51,7 @@ CLASSIFY_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {
-                "schema": {"type": "object", "required": ["labels"], "properties": _FIELDS}
-            },
+            "multipart/form-data": {"schema": {"type": "object", "properties": _FIELDS}},
             "application/json": {"schema": inline_schema(ClassifyJSON)},
         },
     }

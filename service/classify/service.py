@@ -14,7 +14,7 @@ import torch
 
 from service.backbones.clip import ClipBackbone
 from service.classify.handler import ClassifyHandler, ClassifyItem, ClassifyResult
-from service.classify.request import ClassifyCall
+from service.classify.request import ClassifyCall, check_labels, labels_of
 from service.errors import ApiError, Overloaded
 from service.http.admission import Lane, Place
 from service.http.images import decode_image
@@ -53,9 +53,10 @@ class ClassifyService:
         adapter = await self.registry.acquire(call.adapter, "maple") if call.adapter else None
         try:
             template = self._template(call, adapter)
+            labels, top_k = self._labels(call, adapter)
             pixels = await self._decode(call.image)
             place.release()  # queued from here on: the queue's bound counts it
-            return await self._row(call, pixels, template, adapter)
+            return await self._row(pixels, labels, top_k, template, adapter)
         finally:
             if adapter is not None:
                 self.registry.release(adapter)
@@ -71,6 +72,7 @@ class ClassifyService:
         adapter = await self.registry.acquire(call.adapter, "maple") if call.adapter else None
         try:
             template = self._template(call, adapter)
+            labels, top_k = self._labels(call, adapter)
             images = call.images or []
             decoded = await asyncio.gather(*(self._decode_row(image) for image in images))
             if self.queue.depth + len(images) > s.max_queue:
@@ -86,7 +88,7 @@ class ClassifyService:
                 if isinstance(pixels, ApiError):
                     return pixels
                 try:
-                    return await self._row(call, pixels, template, adapter)
+                    return await self._row(pixels, labels, top_k, template, adapter)
                 except ApiError as exc:  # this row's own failure (a deadline, a prompt too long)
                     return exc
 
@@ -95,6 +97,11 @@ class ClassifyService:
         finally:
             if adapter is not None:
                 self.registry.release(adapter)
+
+    def _labels(self, call: ClassifyCall, adapter: LoadedAdapter | None) -> tuple[list[str], int]:
+        # An adapter is used with the labels it was trained with unless the request gives its own.
+        labels = call.labels if call.labels is not None else check_labels(labels_of(adapter), self.settings)
+        return labels, min(call.top_k or len(labels), len(labels))
 
     def _template(self, call: ClassifyCall, adapter: LoadedAdapter | None) -> str:
         # An adapter is used with the template it was trained with unless told otherwise.
@@ -117,18 +124,23 @@ class ClassifyService:
             return exc
 
     async def _row(
-        self, call: ClassifyCall, pixels: torch.Tensor, template: str, adapter: LoadedAdapter | None
+        self,
+        pixels: torch.Tensor,
+        labels: list[str],
+        top_k: int,
+        template: str,
+        adapter: LoadedAdapter | None,
     ) -> Ranked:
         with self.lane.refusals():
             result = await self.queue.submit(
-                ClassifyItem(pixels, call.labels, template, adapter), self.settings.request_timeout_s
+                ClassifyItem(pixels, labels, template, adapter), self.settings.request_timeout_s
             )
         scores = softmax(result.logits)
-        ranked = sorted(range(len(call.labels)), key=lambda i: -scores[i])[: call.top_k]
+        ranked = sorted(range(len(labels)), key=lambda i: -scores[i])[:top_k]
         return Ranked(
             model=self.model_id,
             adapter=adapter.key if adapter is not None else None,
-            labels=[(call.labels[i], scores[i], result.logits[i]) for i in ranked],
+            labels=[(labels[i], scores[i], result.logits[i]) for i in ranked],
         )
 
 

@@ -18,7 +18,11 @@ class ClassifyJSON(BaseModel):
         description="Several images instead of one (not both), answered as 'results' in the same "
         "order; each is classified as a request of its own would be and fails alone.",
     )
-    labels: list[str] = Field(description="Candidate labels, unique, at least one.")
+    labels: list[str] | None = Field(
+        None,
+        description="Candidate labels, unique, at least one; without them, the adapter's own "
+        "(from its manifest, as trained).",
+    )
     adapter: str | None = Field(None, description="Adapter as 'name' (latest) or 'name@version'.")
     top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels.")
     template: str | None = Field(

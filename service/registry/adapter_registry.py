@@ -14,12 +14,14 @@ the store directory, so uploads made by other replicas sharing it are seen too.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -75,6 +77,23 @@ class LoadedAdapter:
     @property
     def template(self) -> str | None:
         return self.manifest.hyperparameters.get("template")
+
+    @cached_property
+    def labels(self) -> list[str] | None:
+        """The labels it was trained on, from its manifest; None when it stores none."""
+        return manifest_labels(self.manifest)
+
+
+def manifest_labels(manifest: Manifest) -> list[str] | None:
+    """A manifest's ``labels``: a JSON list in a string (manifest values are scalars)."""
+    raw = manifest.hyperparameters.get("labels")
+    try:
+        labels = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+    if isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels):
+        return labels
+    return None
 
 
 class _Vanished(Exception):
