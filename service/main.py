@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import __version__
+from service.access import load_api_keys
 from service.chat import routes as chat_routes
 from service.classify import routes as classify_routes
 from service.embeddings import routes as embeddings_routes
@@ -20,7 +21,6 @@ from service.http.middleware import (
     BodyLimitMiddleware,
     MetricsMiddleware,
     ReplicaHeaderMiddleware,
-    load_api_keys,
 )
 from service.metrics import Metrics
 from service.registry import admin
@@ -77,7 +77,9 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     if api_keys is not None:  # before the body is read; inside metrics, so 401s are counted
         # The playground page holds no secret: it asks for the caller's key and sends it itself.
         page = ui_routes.PUBLIC_PATHS if settings.ui == "on" else ()
-        app.add_middleware(ApiKeyMiddleware, keys=api_keys, open_paths=(*OPEN_PATHS, *page))
+        app.add_middleware(
+            ApiKeyMiddleware, keys=api_keys, admin_token=settings.admin_token, open_paths=(*OPEN_PATHS, *page)
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(ReplicaHeaderMiddleware, replica_id=replica_id(settings))
     return app

@@ -121,7 +121,9 @@ class Settings(BaseSettings):
         None,
         description="File of API keys for the public routes, one per line ('#' starts a comment "
         "line), read once at start-up; sent as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'. "
-        "/healthz, /readyz and /metrics stay open. Off when unset.",
+        "A key may carry scopes after it: use=GLOBS upload=GLOBS alias=GLOBS delete=GLOBS "
+        "admin=GLOBS (adapter-name globs, comma-separated); without scopes it uses every adapter "
+        "and administers none. /healthz, /readyz and /metrics stay open. Off when unset.",
     )
 
     replica_id: str | None = Field(

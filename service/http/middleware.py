@@ -7,10 +7,11 @@ import hmac
 import json
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.access import CALLER, FULL, NOBODY, Access, ApiKey
 from service.errors import PayloadTooLarge, error_body
 from service.metrics import Metrics
 
@@ -146,52 +147,43 @@ async def _send_json(
     await send({"type": "http.response.body", "body": data})
 
 
-def load_api_keys(path: Path) -> list[bytes]:
-    """Keys from ``path``: one per line, blank lines and ``#`` comment lines skipped.
-
-    Raises ``ValueError`` (with a message that never quotes a key) when the file cannot
-    be read or holds no key: a configured but empty file would lock every client out.
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read the API keys file {str(path)!r}: {exc}") from None
-    keys = [line.strip() for line in text.splitlines()]
-    keys = [k for k in keys if k and not k.startswith("#")]
-    if not keys:
-        raise ValueError(f"the API keys file {str(path)!r} holds no key")
-    return [k.encode() for k in keys]
-
-
 class ApiKeyMiddleware:
     """Refuses requests without a valid API key (401) on every path except the open ones
-    and ``skip_prefix`` (the admin API, which has its own token).
+    and ``skip_prefix`` (the admin API, which checks its own rights), and sets the caller's
+    rights (``access.CALLER``) for the request: a key's scopes, or every right for the
+    admin token.
 
     A key arrives as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``. Keys are
     compared as SHA-256 digests with ``hmac.compare_digest`` against every configured key
-    (no early exit), so the time taken says nothing about how much of a key matched.
+    (no early exit), so the time taken says nothing about how much of a key matched, nor
+    which key it was.
     """
 
     def __init__(
         self,
         app: ASGIApp,
-        keys: Iterable[bytes],
+        keys: Iterable[ApiKey],
+        admin_token: SecretStr | None = None,
         open_paths: Iterable[str] = ("/healthz", "/readyz", "/metrics"),
         skip_prefix: str = "/v1/admin/",
     ) -> None:
         self.app = app
-        self.digests = [hashlib.sha256(k).digest() for k in keys]
+        self.keys = [(k.digest, k.access) for k in keys]
+        if admin_token is not None:
+            self.keys.append((hashlib.sha256(admin_token.get_secret_value().encode()).digest(), FULL))
         self.open_paths = frozenset(open_paths)
         self.skip_prefix = skip_prefix
 
-    def _valid(self, given: bytes) -> bool:
+    def _match(self, given: bytes) -> Access | None:
         digest = hashlib.sha256(given).digest()
-        found = False
-        for expected in self.digests:
-            found |= hmac.compare_digest(digest, expected)
+        found = None
+        for expected, access in self.keys:
+            if hmac.compare_digest(digest, expected):
+                found = access  # no break: every key is compared
         return found
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _access(self, scope: Scope) -> Access | None:
+        """The rights of the offered credentials, None when none is valid."""
         offered: list[bytes] = []
         for name, value in scope.get("headers", ()):
             if name == b"x-api-key":
@@ -201,16 +193,22 @@ class ApiKeyMiddleware:
                 if scheme.lower() == b"bearer":
                     offered.append(credentials.strip())
         # Every offered key is checked, valid or not, so timing does not depend on which.
-        results = [self._valid(key) for key in offered if key]
-        return any(results)
+        matches = [self._match(key) for key in offered if key]
+        valid = [a for a in matches if a is not None]
+        return next((a for a in valid if a.full), valid[0] if valid else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path in self.open_paths or path.startswith(self.skip_prefix) or self._authorized(scope):
-            await self.app(scope, receive, send)
+        access = self._access(scope)
+        if access is not None or path in self.open_paths or path.startswith(self.skip_prefix):
+            token = CALLER.set(access or NOBODY)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                CALLER.reset(token)
             return
         await _send_json(
             send,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.access import caller_may_see
 from service.errors import error_body
 from service.http.deps import RuntimeDep, ServicesDep
 from service.http.schemas import ModelCard, ModelList
@@ -52,6 +53,8 @@ async def models(services: ServicesDep, runtime: RuntimeDep) -> ModelList:
     for described in await loop.run_in_executor(runtime.decode_pool, registry.describe_all):
         if described.get("method") not in registry.placements:
             continue  # stored for a backbone this service does not run
+        if not caller_may_see(described["name"]):
+            continue  # outside the API key's scope
         task = "chat" if described["method"] == "m2pt" else "classify"
         for version in described["versions"]:
             cards.append(ModelCard(id=version["key"], kind="adapter", task=task))

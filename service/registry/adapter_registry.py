@@ -38,6 +38,7 @@ from adapters.format import (
     tensors_sha256,
     validate_for_backbone,
 )
+from service.access import caller_may_see
 from service.errors import AdapterCorrupted, AdapterNotFound, DeviceFull, NoBackboneFor, WrongMethod
 from service.metrics import Metrics
 from service.registry.placement import Placement
@@ -159,6 +160,8 @@ class AdapterRegistry:
     async def acquire(self, ref: str, method: str = "maple") -> LoadedAdapter:
         """Resolve ``ref``, load it if cold (once), pin it. Pair with ``release``."""
         name, version = parse_ref(ref)
+        if not caller_may_see(name):  # outside the API key's scope: as if absent
+            raise AdapterNotFound(f"adapter {ref!r} not found")
         adapter = await self._resolve(ref, name, version)
         if adapter.manifest.method != method:
             raise WrongMethod(

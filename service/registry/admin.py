@@ -13,9 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from service.access import CALLER, FULL, NOBODY, Access, Action, caller_may_see
 from service.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     InsufficientStorage,
     NotFound,
     PayloadTooLarge,
@@ -30,19 +32,37 @@ from service.registry.store import NoSuchVersion, StoreFull, VersionAliased, che
 router = APIRouter()
 
 
-def require_admin(runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> None:
+def require_admin(runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> Access:
+    """The admin token's full rights, or an API key's admin scopes (checked per adapter name
+    by each route); 403 for a key without admin scopes, 401 for anything else."""
     token = runtime.settings.admin_token
-    if token is None:
+    caller = CALLER.get()  # set by the API-key middleware when keys are on
+    if token is None and caller is None:  # no token and no API keys that could administer
         raise NotFound("the admin API is off: no admin token is configured")
     scheme, _, given = (authorization or "").partition(" ")
-    expected = token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+    if token is not None and scheme.lower() == "bearer":
+        if hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+            return FULL
+    if caller is None or caller is NOBODY:
         raise Unauthorized()
+    if not caller.administers:
+        raise Forbidden("this API key may not administer adapters")
+    return caller
 
 
-AdminDep = Depends(require_admin)
+def check_admin(access: Access, action: Action, name: str) -> None:
+    """A name outside what the caller may see is absent to it (404); one it may see but not
+    administer this way is a 403 naming only that name."""
+    if access.may(action, name):
+        return
+    if action != "upload" and not access.may_see(name):
+        raise NotFound(f"adapter {name!r} not found")
+    raise Forbidden(f"this API key may not {action} adapter {name!r}")
+
+
+AdminAccess = Annotated[Access, Depends(require_admin)]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 503, 507)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503, 507)
 }
 UPLOAD_BODY = {
     "requestBody": {
@@ -66,12 +86,13 @@ UPLOAD_BODY = {
 @router.post(
     "/v1/admin/adapters",
     status_code=201,
-    dependencies=[AdminDep],
     responses=ERRORS,
     openapi_extra=UPLOAD_BODY,
     tags=["admin"],
 )
-async def upload_adapter(request: Request, registry: RegistryDep, runtime: RuntimeDep) -> JSONResponse:
+async def upload_adapter(
+    request: Request, access: AdminAccess, registry: RegistryDep, runtime: RuntimeDep
+) -> JSONResponse:
     """Upload an adapter file (multipart field ``file``); stored as the name's next version
     (201). When a version of that name already holds the same tensors, nothing is stored and
     the answer is that version (200).
@@ -94,6 +115,7 @@ async def upload_adapter(request: Request, registry: RegistryDep, runtime: Runti
     name = name if isinstance(name, str) and name else None
     loop = asyncio.get_running_loop()
     adapter = await loop.run_in_executor(runtime.decode_pool, registry.parse_upload, data, name)
+    check_admin(access, "upload", adapter.name)  # before the store is read: nothing leaks
     try:
         stored, manifest, created = await loop.run_in_executor(
             runtime.decode_pool, registry.store_adapter, adapter
@@ -114,12 +136,15 @@ async def upload_adapter(request: Request, registry: RegistryDep, runtime: Runti
     )
 
 
-@router.delete("/v1/admin/adapters/{ref}", dependencies=[AdminDep], responses=ERRORS, tags=["admin"])
-async def delete_adapter(ref: str, registry: RegistryDep, runtime: RuntimeDep) -> dict[str, Any]:
+@router.delete("/v1/admin/adapters/{ref}", responses=ERRORS, tags=["admin"])
+async def delete_adapter(
+    ref: str, access: AdminAccess, registry: RegistryDep, runtime: RuntimeDep
+) -> dict[str, Any]:
     """Delete ``name`` (every version) or ``name@version``. Requests already admitted
     finish on the version they hold. A version an alias points at is not deleted (409):
     move or remove the alias first."""
     name, version = parse_ref(ref)
+    check_admin(access, "delete", name)
     if isinstance(version, str):
         raise Unprocessable(
             f"delete {name!r} or {name}@VERSION; to remove the alias, "
@@ -151,16 +176,20 @@ def _alias_of(name: str, alias: str) -> tuple[str, str]:
         raise Unprocessable(str(exc)) from None
 
 
-@router.put(
-    "/v1/admin/adapters/{name}/aliases/{alias}", dependencies=[AdminDep], responses=ERRORS, tags=["admin"]
-)
+@router.put("/v1/admin/adapters/{name}/aliases/{alias}", responses=ERRORS, tags=["admin"])
 async def set_alias(
-    name: str, alias: str, target: AliasTarget, registry: RegistryDep, runtime: RuntimeDep
+    name: str,
+    alias: str,
+    target: AliasTarget,
+    access: AdminAccess,
+    registry: RegistryDep,
+    runtime: RuntimeDep,
 ) -> dict[str, Any]:
     """Point ``name@alias`` at a stored version, atomically: every replica sharing the store
     resolves it to the new version from its next request; requests already admitted finish
     on the version they resolved. The alias ``default``, when set, is what ``name`` means."""
     name, alias = _alias_of(name, alias)
+    check_admin(access, "alias", name)
     loop = asyncio.get_running_loop()
     try:
         previous = await loop.run_in_executor(
@@ -173,12 +202,13 @@ async def set_alias(
     return {"name": name, "alias": alias, "version": target.version, "previous": previous}
 
 
-@router.delete(
-    "/v1/admin/adapters/{name}/aliases/{alias}", dependencies=[AdminDep], responses=ERRORS, tags=["admin"]
-)
-async def delete_alias(name: str, alias: str, registry: RegistryDep, runtime: RuntimeDep) -> dict[str, Any]:
+@router.delete("/v1/admin/adapters/{name}/aliases/{alias}", responses=ERRORS, tags=["admin"])
+async def delete_alias(
+    name: str, alias: str, access: AdminAccess, registry: RegistryDep, runtime: RuntimeDep
+) -> dict[str, Any]:
     """Remove an alias (the versions stay). Without ``default``, ``name`` means ``latest``."""
     name, alias = _alias_of(name, alias)
+    check_admin(access, "alias", name)
     loop = asyncio.get_running_loop()
     previous = await loop.run_in_executor(runtime.decode_pool, registry.store.delete_alias, name, alias)
     if previous is None:
@@ -190,13 +220,16 @@ async def delete_alias(name: str, alias: str, registry: RegistryDep, runtime: Ru
 async def list_adapters(registry: RegistryDep, runtime: RuntimeDep) -> dict[str, Any]:
     """Every stored adapter with its versions, sizes and whether each is loaded."""
     loop = asyncio.get_running_loop()
-    return {"adapters": await loop.run_in_executor(runtime.decode_pool, registry.describe_all)}
+    described = await loop.run_in_executor(runtime.decode_pool, registry.describe_all)
+    return {"adapters": [d for d in described if caller_may_see(d["name"])]}
 
 
 @router.get("/v1/adapters/{name}", responses={404: {"model": ErrorBody}}, tags=["adapters"])
 async def get_adapter(name: str, registry: RegistryDep, runtime: RuntimeDep) -> dict[str, Any]:
     """One adapter: versions, aliases, method, sizes, loaded or not."""
     parsed, _ = parse_ref(name)
+    if not caller_may_see(parsed):
+        raise NotFound(f"adapter {name!r} not found")
     loop = asyncio.get_running_loop()
     described = await loop.run_in_executor(runtime.decode_pool, registry.describe, parsed)
     if described is None:

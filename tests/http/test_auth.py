@@ -4,12 +4,14 @@ and that no secret ever reaches a log line or an answer."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from pathlib import Path
 
 import pytest
 
 from fixtures.adapters import adapter_bytes
+from service.access import load_api_keys
 from service.cli import main as cli_main
 from service.http import middleware
 from service.main import create_app
@@ -158,7 +160,9 @@ async def test_admin_routes_keep_their_own_token_when_api_keys_are_on(
     async with running_app(settings) as (client, _):
         data = adapter_bytes(tiny_clip_dir, "pets")
         assert (await upload(client, data)).status_code == 201  # admin token, no API key
-        assert_error(await upload(client, data, headers={"Authorization": f"Bearer {KEYS[0]}"}), 401)
+        # a public key is known but holds no admin scope (see tests/http/test_scopes.py)
+        assert_error(await upload(client, data, headers={"Authorization": f"Bearer {KEYS[0]}"}), 403)
+        assert_error(await upload(client, data, headers={"Authorization": "Bearer nope"}), 401)
 
 
 async def test_the_401_comes_before_the_body_is_read(make_settings, keys_file):
@@ -186,22 +190,22 @@ def test_every_key_is_compared_in_constant_time(monkeypatch, keys_file):
         return real(a, b)
 
     monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
-    guard = middleware.ApiKeyMiddleware(app=None, keys=middleware.load_api_keys(keys_file))
+    guard = middleware.ApiKeyMiddleware(app=None, keys=load_api_keys(keys_file))
     for offered, expected in ((KEYS[0], True), (KEYS[1], True), ("nope", False)):
         calls.clear()
-        assert guard._authorized({"headers": [(b"x-api-key", offered.encode())]}) is expected
+        assert (guard._access({"headers": [(b"x-api-key", offered.encode())]}) is not None) is expected
         # no early exit: every configured key is compared, as fixed-length digests
         assert len(calls) == len(KEYS) and all(len(a) == len(b) == 32 for a, b in calls)
 
 
 def test_keys_file_parsing(tmp_path, keys_file):
-    assert middleware.load_api_keys(keys_file) == [k.encode() for k in KEYS]
+    assert [k.digest for k in load_api_keys(keys_file)] == [hashlib.sha256(k.encode()).digest() for k in KEYS]
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")
     with pytest.raises(ValueError, match="holds no key"):
-        middleware.load_api_keys(empty)
+        load_api_keys(empty)
     with pytest.raises(ValueError, match="cannot read"):
-        middleware.load_api_keys(tmp_path / "missing.txt")
+        load_api_keys(tmp_path / "missing.txt")
 
 
 def test_keys_file_is_read_once_at_start_up(make_settings, keys_file):
@@ -210,8 +214,8 @@ def test_keys_file_is_read_once_at_start_up(make_settings, keys_file):
     guard = app.middleware_stack or app.build_middleware_stack()
     while not isinstance(guard, middleware.ApiKeyMiddleware):
         guard = guard.app
-    assert guard._authorized({"headers": [(b"x-api-key", KEYS[0].encode())]})
-    assert not guard._authorized({"headers": [(b"x-api-key", b"another-key")]})
+    assert guard._access({"headers": [(b"x-api-key", KEYS[0].encode())]}) is not None
+    assert guard._access({"headers": [(b"x-api-key", b"another-key")]}) is None
 
 
 def test_cli_refuses_a_missing_or_empty_keys_file(tmp_path, tiny_clip_dir, capsys):
