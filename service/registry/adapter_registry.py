@@ -26,16 +26,15 @@ from typing import Any
 
 import torch
 
+from adapters.container import tensors_sha256
 from adapters.errors import AdapterError
 from adapters.format import (
-    METHODS,
     Adapter,
     Manifest,
     check_name,
     encode_adapter,
     load_adapter,
     read_adapter_file,
-    tensors_sha256,
     validate_for_backbone,
 )
 from service.access import caller_may_see
@@ -308,10 +307,7 @@ class AdapterRegistry:
         Two identical uploads racing on two replicas may both be stored (harmless: the
         newer is a copy); one replica never stores a copy of what it can read."""
         # The stored form is fp32: compare the upload as it will be stored.
-        spec = METHODS[adapter.manifest.method]
-        sha = tensors_sha256(
-            {k: v.detach().to(torch.float32) for k, v in spec.to_tensors(adapter.folded).items()}
-        )
+        sha = tensors_sha256({k: v.detach().to(torch.float32) for k, v in adapter.tensors().items()})
         for existing in reversed(self.store.versions(adapter.name)):
             manifest = self.manifest_of(existing)
             if manifest is not None and manifest.tensors_sha256 == sha:

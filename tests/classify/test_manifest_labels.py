@@ -8,7 +8,8 @@ import json
 
 from transformers import CLIPConfig
 
-from adapters.format import clip_fingerprint, dump_adapter
+from adapters.format import dump
+from adapters.maple import clip_fingerprint
 from tests.adapter_files import adapter_bytes, random_folded
 from tests.conftest import encode, make_image, running_app
 from tests.registry.test_admin_api import TOKEN, classify, logits_of, upload
@@ -21,9 +22,7 @@ def trained_like(clip_dir, name: str) -> bytes:
     """What ``promptswap adapters train maple`` writes: labels as a JSON list, the template."""
     config = CLIPConfig.from_pretrained(clip_dir)
     hp = {"labels": json.dumps(LABELS), "template": TEMPLATE}
-    return dump_adapter(
-        random_folded(config, 5), name=name, backbone=clip_fingerprint(config), hyperparameters=hp
-    )
+    return dump(random_folded(config, 5), name=name, backbone=clip_fingerprint(config), hyperparameters=hp)
 
 
 async def test_labels_and_template_come_from_the_manifest(make_settings, tiny_clip_dir):

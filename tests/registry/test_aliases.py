@@ -7,7 +7,8 @@ import base64
 import pytest
 from transformers import CLIPConfig
 
-from adapters.format import clip_fingerprint, dump_adapter
+from adapters.format import dump
+from adapters.maple import clip_fingerprint
 from tests.adapter_files import adapter_bytes, random_folded
 from tests.chat.test_chat_adapters import chat, m2pt_bytes
 from tests.conftest import encode, make_image, running_app
@@ -134,7 +135,7 @@ async def test_identical_upload_answers_the_existing_version(admin_settings, tin
         assert store_snapshot(tmp_path / "adapters") == before  # nothing stored
         # the same tensors with another manifest (a new description) are still the same version
         config = CLIPConfig.from_pretrained(tiny_clip_dir)
-        redescribed = dump_adapter(
+        redescribed = dump(
             random_folded(config, 1), name="pets", backbone=clip_fingerprint(config), description="again"
         )
         assert (await upload(client, redescribed)).status_code == 200
