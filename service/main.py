@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     ``on_fatal`` is called with a message when start-up fails (the CLI exits then).
     """
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(adapter_labels=settings.metrics_adapter_labels)
     # Read once, here: a missing or empty keys file stops the start-up (ValueError).
     api_keys = load_api_keys(settings.api_keys_file) if settings.api_keys_file else None
 

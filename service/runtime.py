@@ -141,8 +141,15 @@ class Runtime:
             for wait in stats.queue_wait_s:
                 m.queue_wait.labels(name).observe(wait)
 
+        def counted(items: list) -> list:
+            # rows per adapter name in this batch (key is "name@version"); rows without one
+            # (zero-shot, embeddings) are not counted
+            adapters = (getattr(i, "adapter", None) for i in items)
+            m.adapter_rows(a.key.partition("@")[0] for a in adapters if a is not None)
+            return handler(items)
+
         queue: BatchQueue = BatchQueue(
-            handler,
+            counted,
             executor=self.model_executor,
             max_batch_size=s.max_batch_size,
             max_wait_s=s.max_wait_ms / 1000,

@@ -175,6 +175,14 @@ class Settings(BaseSettings):
         description="The playground page at / (classify, chat, adapters in a browser); 'off' removes it.",
     )
 
+    metrics_adapter_labels: int = Field(
+        50,
+        ge=0,
+        le=10_000,
+        description="Adapters with their own per-adapter metric series: the ones with the most "
+        'requests; the rest are counted under adapter="other".',
+    )
+
     @field_validator("api_keys_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access import CALLER, FULL, NOBODY, Access, ApiKey
 from service.errors import PayloadTooLarge, error_body
-from service.metrics import Metrics
+from service.metrics import REQUEST_ADAPTER, Metrics, RequestAdapter
 
 
 class MetricsMiddleware:
@@ -32,6 +32,8 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        adapter = RequestAdapter()  # the registry names the adapter the request resolved
+        token = REQUEST_ADAPTER.set(adapter)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -45,10 +47,14 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            REQUEST_ADAPTER.reset(token)
+            took = time.perf_counter() - started
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(name, str(status)).inc()
-            self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(name).observe(took)
+            if adapter.label is not None:
+                self.metrics.adapter_answered(adapter.label, status, took)
 
 
 class ReplicaHeaderMiddleware:

@@ -149,6 +149,7 @@ class AdapterRegistry:
         self._manifests: dict[tuple[int, int, int], Manifest] = {}
         self.loads = 0  # completed loads from disk, for tests and metrics
         metrics.adapter_device_bytes.set_function(lambda: self.device_bytes)
+        metrics.adapter_loaded.names = lambda: [a.name for a in list(self._loaded.values())]
 
     @property
     def device_bytes(self) -> int:
@@ -173,7 +174,7 @@ class AdapterRegistry:
         self._loaded.move_to_end(adapter.key)
         adapter.pins += 1
         self._evict_over_budget()
-        self._metrics.adapter_requests.labels(adapter.name).inc()
+        self._metrics.adapter_request(adapter.name)
         return adapter
 
     def resolve(self, name: str, selector: Selector) -> StoredVersion | None:
