@@ -21,12 +21,6 @@ from adapters.method import Method
 DEFAULT_MAX_BYTES = 64 << 20
 
 
-def _backbone_config(ident: str):  # -> CLIPConfig
-    from transformers import CLIPConfig  # heavy import only when a command needs it
-
-    return CLIPConfig.from_pretrained(ident)
-
-
 def _config_for(method: Method[Any], ident: str) -> Any:
     """The backbone's config, refused unless it is the kind of model the method runs on."""
     from transformers import AutoConfig
@@ -41,14 +35,20 @@ def _config_for(method: Method[Any], ident: str) -> Any:
 
 
 def cmd_import_maple(args: argparse.Namespace) -> int:
-    from adapters.importers import convert_maple_checkpoint
+    from transformers import CLIPModel
 
+    from adapters.importers import convert_maple_checkpoint
+    from adapters.weights import weights_digest
+
+    # The backbone's weights, not only its config: the adapter then names the checkpoint.
+    model = CLIPModel.from_pretrained(args.backbone)
     data = convert_maple_checkpoint(
         args.checkpoint,
-        _backbone_config(args.backbone),
+        model.config,
         name=args.name,
         description=args.description,
         ctx_init=args.ctx_init,
+        weights=weights_digest(model),
     )
     out = Path(args.output or f"{args.name}.safetensors")
     tmp = out.with_name(out.name + ".tmp")

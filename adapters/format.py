@@ -43,6 +43,7 @@ from adapters.errors import (
 )
 from adapters.method import Method, is_int
 from adapters.methods import Folded, method_named, method_of
+from adapters.weights import OPTIONAL_FIELDS, check_digest, check_weights
 
 FORMAT_VERSION = 1
 METADATA_KEY = "promptswap"
@@ -231,8 +232,14 @@ def _check_manifest_values(m: Manifest) -> None:
             field="arch", expected=spec.arch, got=arch,
         )  # fmt: skip
     fields = spec.fingerprint_fields
-    if set(m.backbone) != set(fields):
-        raise AdapterFormatError(f"manifest backbone must have exactly the keys {sorted(fields)}")
+    if not set(fields) <= set(m.backbone) <= set(fields) | set(OPTIONAL_FIELDS):
+        raise AdapterFormatError(
+            f"manifest backbone must have exactly the keys {sorted(fields)}, "
+            f"optionally {' and '.join(OPTIONAL_FIELDS)}"
+        )
+    for key in OPTIONAL_FIELDS:
+        if key in m.backbone:
+            check_digest(m.backbone[key], key)
     for key, typ in fields.items():
         value = m.backbone[key]
         ok = is_int(value) and value >= 1 if typ is int else isinstance(value, typ)
@@ -264,11 +271,12 @@ def _check_shapes(m: Manifest, shapes: Mapping[str, list[int]]) -> None:
 def validate_for_backbone(adapter: Adapter, fingerprint: Mapping[str, Any]) -> None:
     """Raise AdapterMismatch unless the adapter fits this backbone, naming the first field that differs."""
     made_for = adapter.manifest.backbone
-    for key in sorted(set(fingerprint) | set(made_for)):
+    for key in sorted((set(fingerprint) | set(made_for)) - set(OPTIONAL_FIELDS)):
         expected, got = fingerprint.get(key), made_for.get(key)
         if expected != got:
             raise AdapterMismatch(
                 f"adapter '{adapter.name}' was made for another backbone: {key} expected {expected!r}, got {got!r}",
                 field=key, expected=expected, got=got,
             )  # fmt: skip
+    check_weights(adapter.name, made_for, fingerprint)  # after the shapes: they say more
     adapter.method.check_fit(adapter.name, adapter.folded, fingerprint)

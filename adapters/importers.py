@@ -30,6 +30,7 @@ from adapters.container import tensor_from_bytes
 from adapters.errors import AdapterFormatError, AdapterMismatch, AdapterTooLarge, AdapterValueError
 from adapters.format import dump
 from adapters.maple import MaplePromptLearner, clip_fingerprint, fold, learner_state
+from adapters.weights import WEIGHTS
 
 MAX_CHECKPOINT_BYTES = 4 << 30  # a ViT-L/14 fp16 CustomCLIP with optimizer state fits
 MAX_PICKLE_BYTES = 16 << 20  # data.pkl holds structure and names only, tensors live beside it
@@ -315,8 +316,10 @@ def convert_maple_checkpoint(
     name: str,
     description: str = "",
     ctx_init: str = DEFAULT_CTX_INIT,
+    weights: str | None = None,
 ) -> bytes:
-    """Reference checkpoint -> folded adapter file bytes for this backbone.
+    """Reference checkpoint -> folded adapter file bytes for this backbone (``weights``: its
+    weights digest, see ``adapters.weights``; without it the fingerprint is shapes-only).
 
     CTX_INIT is not stored in the checkpoint, but the reference prompt is
     ``CTX_INIT + " " + class + "."`` with only its first n_ctx words replaced, so the
@@ -336,7 +339,7 @@ def convert_maple_checkpoint(
     return dump(
         fold(imported.learner),
         name=name,
-        backbone=clip_fingerprint(config),
+        backbone={**clip_fingerprint(config), **({WEIGHTS: weights} if weights else {})},
         description=description,
         hyperparameters=hp,
     )

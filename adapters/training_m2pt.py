@@ -30,6 +30,7 @@ from adapters.m2pt import M2ptConfig, M2ptPromptLearner, fold, llava_fingerprint
 from adapters.options import option
 from adapters.prompted_llava import explicit_forward
 from adapters.training import RunConfig, TrainingRun, load_frozen
+from adapters.weights import with_weights
 
 IGNORE = -100
 SHOW_EXAMPLES = 3  # greedy answers printed before and after
@@ -254,7 +255,8 @@ class M2ptTrainer(TrainingRun[M2ptTrainConfig, M2ptTrainResult]):
             "n_examples": len(self.encoded), "loss_start": round(self.loss_start, 6), "loss_end": round(loss_end, 6),
         }  # fmt: skip
         data = dump(
-            fold(self.learner), name=c.adapter_name(), backbone=llava_fingerprint(self.model.config),
+            fold(self.learner), name=c.adapter_name(),
+            backbone=with_weights(llava_fingerprint(self.model.config), self.model),
             description=c.description, hyperparameters=hp,
         )  # fmt: skip
         return M2ptTrainResult(

@@ -29,6 +29,7 @@ from adapters.maple import MapleConfig, MaplePromptLearner, clip_fingerprint, fo
 from adapters.options import option
 from adapters.prompted_clip import encode_image, encode_text
 from adapters.training import RunConfig, TrainingRun, load_frozen, resolve_amp
+from adapters.weights import with_weights
 
 EVAL_BATCH = 256
 MAX_LABELS_JSON = 16 * 1024  # the manifest header is bounded (adapters.container)
@@ -231,7 +232,8 @@ class Trainer(TrainingRun[TrainConfig, TrainResult]):
         if len(labels) <= MAX_LABELS_JSON:
             hp["labels"] = labels  # a JSON list as a string: manifest values are scalars
         data = dump(
-            fold(self.learner), name=c.adapter_name(), backbone=clip_fingerprint(self.model.config),
+            fold(self.learner), name=c.adapter_name(),
+            backbone=with_weights(clip_fingerprint(self.model.config), self.model),
             description=c.description, hyperparameters=hp,
         )  # fmt: skip
         return TrainResult(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from adapters.container import tensors_sha256
-from adapters.errors import AdapterError
+from adapters.errors import AdapterError, AdapterMismatch
 from adapters.format import (
     Adapter,
     Manifest,
@@ -37,6 +37,7 @@ from adapters.format import (
     read_adapter_file,
     validate_for_backbone,
 )
+from adapters.weights import WEIGHTS, WEIGHTS_FORCED, fingerprint_kind
 from service.access import caller_may_see
 from service.errors import AdapterCorrupted, AdapterNotFound, DeviceFull, NoBackboneFor, WrongMethod
 from service.metrics import Metrics
@@ -292,10 +293,20 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------------ admin
 
-    def parse_upload(self, data: bytes, name: str | None = None) -> Adapter:
-        """Validate uploaded bytes completely; nothing is stored here."""
+    def parse_upload(self, data: bytes, name: str | None = None, force: bool = False) -> Adapter:
+        """Validate uploaded bytes completely; nothing is stored here. With ``force``, an
+        adapter made for other weights of the same shapes is accepted, and its manifest
+        records the backbone it was forced onto (every other mismatch still refuses it)."""
         adapter = load_adapter(data, max_bytes=self.max_adapter_bytes)
-        validate_for_backbone(adapter, self._placement(adapter).fingerprint)
+        fingerprint = self._placement(adapter).fingerprint
+        try:
+            validate_for_backbone(adapter, fingerprint)
+        except AdapterMismatch as exc:
+            if not (force and exc.field == WEIGHTS):
+                raise
+            backbone = {**adapter.manifest.backbone, WEIGHTS_FORCED: fingerprint[WEIGHTS]}
+            adapter = Adapter(replace(adapter.manifest, backbone=backbone), adapter.folded)
+            validate_for_backbone(adapter, fingerprint)  # nothing else may differ
         if name is not None:
             adapter = Adapter(replace(adapter.manifest, name=check_name(name)), adapter.folded)
         return adapter
@@ -320,6 +331,15 @@ class AdapterRegistry:
             ),
         )
         return stored, replace(adapter.manifest, version=stored.version, tensors_sha256=sha), True
+
+    def _fingerprint_of(self, stored: StoredVersion) -> dict[str, Any]:
+        manifest = self.manifest_of(stored)
+        if manifest is None:
+            return {}
+        return {
+            "fingerprint": fingerprint_kind(manifest.backbone),
+            "forced": WEIGHTS_FORCED in manifest.backbone,
+        }
 
     def manifest_of(self, stored: StoredVersion) -> Manifest | None:
         """The manifest of a stored version (read once per file), None if unreadable."""
@@ -368,6 +388,7 @@ class AdapterRegistry:
                     "size_bytes": v.size,
                     "loaded": v.key in self._loaded,
                     "aliases": [a for a, n in aliases.items() if n == v.version],
+                    **self._fingerprint_of(v),
                 }
                 for v in versions
             ],

@@ -75,6 +75,10 @@ UPLOAD_BODY = {
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
                         "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
+                        "force": {
+                            "type": "boolean",
+                            "description": "store an adapter made for other weights of the same shapes",
+                        },
                     },
                 }
             }
@@ -97,8 +101,9 @@ async def upload_adapter(
     (201). When a version of that name already holds the same tensors, nothing is stored and
     the answer is that version (200).
 
-    The optional field ``name`` overrides the manifest's name. A refused upload leaves
-    the store exactly as it was.
+    The optional field ``name`` overrides the manifest's name. An adapter made for another
+    checkpoint of the same shapes is refused (409 naming "weights") unless ``force=true``,
+    which its manifest then records. A refused upload leaves the store exactly as it was.
     """
     limit = runtime.settings.max_adapter_bytes
     try:
@@ -113,8 +118,13 @@ async def upload_adapter(
         raise PayloadTooLarge(f"adapter file is over {limit} bytes")
     name = form.get("name")
     name = name if isinstance(name, str) and name else None
+    force = form.get("force", "false")
+    if force not in ("true", "false"):
+        raise Unprocessable("force: 'true' or 'false'")
     loop = asyncio.get_running_loop()
-    adapter = await loop.run_in_executor(runtime.decode_pool, registry.parse_upload, data, name)
+    adapter = await loop.run_in_executor(
+        runtime.decode_pool, registry.parse_upload, data, name, force == "true"
+    )
     check_admin(access, "upload", adapter.name)  # before the store is read: nothing leaks
     try:
         stored, manifest, created = await loop.run_in_executor(

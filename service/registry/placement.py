@@ -1,4 +1,5 @@
-"""Where each method's adapters go: the backbone's fingerprint they must match, and how
+"""Where each method's adapters go: the backbone's fingerprint they must match (shapes and
+a digest of its weights, see adapters.weights), and how
 their folded tensors are put on its device (for M2PT, with the KV prefix computed once
 per load, so a request never recomputes it)."""
 
@@ -13,6 +14,7 @@ import torch
 from adapters.m2pt import llava_fingerprint
 from adapters.maple import clip_fingerprint
 from adapters.prompted_llava import prefix_kv
+from adapters.weights import with_weights
 from service.backbones.clip import ClipBackbone
 from service.backbones.llava import LlavaBackbone
 
@@ -31,7 +33,7 @@ def maple_placement(clip: ClipBackbone) -> Placement:
         on_device = folded.to(clip.device, clip.dtype)
         return on_device, on_device.nbytes, {}
 
-    return Placement(clip_fingerprint(clip.model.config), place)
+    return Placement(with_weights(clip_fingerprint(clip.model.config), clip.model), place)
 
 
 def m2pt_placement(llava: LlavaBackbone) -> Placement:
@@ -44,4 +46,4 @@ def m2pt_placement(llava: LlavaBackbone) -> Placement:
         nbytes = on_device.nbytes + sum(t.nbytes for kv in prefix for t in kv)
         return on_device, nbytes, {"prefix": prefix}
 
-    return Placement(llava_fingerprint(llava.model.config), place)
+    return Placement(with_weights(llava_fingerprint(llava.model.config), llava.model), place)

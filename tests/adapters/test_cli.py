@@ -62,6 +62,11 @@ def test_import_maple(
     assert "wrote" in capsys.readouterr().out
     adapter = read_adapter_file(out, max_bytes=1 << 20)
     assert adapter.name == "flowers" and adapter.manifest.description == "from the reference"
+    from transformers import CLIPModel
+
+    from adapters.weights import weights_digest
+
+    assert adapter.manifest.backbone["weights"] == weights_digest(CLIPModel.from_pretrained(clip_config_dir))
     assert (adapter.folded.depth, adapter.folded.n_ctx) == (3, 2)
     assert adapter.manifest.hyperparameters["template"] == "a picture of {}."
     assert not list(tmp_path.glob("*.tmp"))

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import CLIPModel
 
 from adapters import checkpoint
 from adapters.checkpoint import load_checkpoint
 from adapters.errors import AdapterValueError
 from adapters.format import load_adapter
 from adapters.training_maple import TrainConfig, Trainer, load_backbone
+from adapters.weights import weights_digest
 from tests.adapters.test_training_data import render_digits
 
 # Tiny models: one intra-op thread is faster and far steadier on a busy 2-core machine.
@@ -66,6 +68,9 @@ def test_only_prompts_train_backbone_bit_identical(
     assert hp["template"] == "a photo of a {}." and hp["shots"] == 4 and hp["steps"] == 3 and hp["seed"] == 7
     assert hp["held_out_accuracy"] == round(result.accuracy, 6)
     assert hp["zero_shot_accuracy"] == round(result.zero_shot_accuracy, 6)
+    # the fingerprint names the checkpoint's weights, not only its shapes
+    backbone = load_adapter(result.adapter, max_bytes=1 << 20).manifest.backbone
+    assert backbone["weights"] == weights_digest(CLIPModel.from_pretrained(tiny_clip_dir))
 
 
 def test_ctx_starts_from_the_template_words(tiny_clip_dir: Path, small_digits: Path, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from adapters.training_m2pt import (
     read_examples,
     train_m2pt,
 )
+from adapters.weights import with_weights
 from tests.conftest import make_image, running_app
 from tests.llava_fixtures import save_tiny_llava
 
@@ -132,7 +133,7 @@ def test_prompts_learn_the_answer_backbone_frozen(
 
     adapter = load_adapter(result.adapter, max_bytes=1 << 22)
     assert adapter.manifest.method == "m2pt"
-    assert adapter.manifest.backbone == llava_fingerprint(model.config)
+    assert adapter.manifest.backbone == with_weights(llava_fingerprint(model.config), model)  # weights too
     hp = adapter.manifest.hyperparameters
     assert hp["steps"] == 50 and hp["n_examples"] == 4 and hp["seed"] == 0 and hp["lr"] == 0.05
     assert hp["loss_end"] < hp["loss_start"]
