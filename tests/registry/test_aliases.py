@@ -111,14 +111,14 @@ async def test_an_admitted_request_keeps_the_version_it_resolved(admin_settings,
         for seed in (1, 2):
             await upload(client, adapter_bytes(tiny_clip_dir, "pets", seed=seed))
         await put_alias(client, "pets", "prod", 1)
-        runtime = app.state.runtime
-        held = await runtime.acquire_adapter("pets@prod", "maple")  # as a request admitted now
+        registry = app.state.runtime.services.registry
+        held = await registry.acquire("pets@prod", "maple")  # as a request admitted now
         try:
             assert (await put_alias(client, "pets", "prod", 2)).status_code == 200
             assert await used(client, "pets@prod") == "pets@2"  # the next request moves
-            assert held.key == "pets@1" and runtime.registry.is_loaded("pets@1")
+            assert held.key == "pets@1" and registry.is_loaded("pets@1")
         finally:
-            runtime.release_adapter(held)
+            registry.release(held)
 
 
 async def test_identical_upload_answers_the_existing_version(admin_settings, tiny_clip_dir, tmp_path):
