@@ -170,7 +170,7 @@ class Metrics:
         )
         self.adapter_batch_rows = Histogram(
             "promptswap_adapter_batch_rows",
-            "Rows of one adapter in each classify batch it is part of",
+            "Rows of one adapter in each classify batch or chat decode step it is part of",
             ["adapter"],
             buckets=BATCH_BUCKETS,
             registry=r,
@@ -228,7 +228,8 @@ class Metrics:
             self.adapter_errors.labels(label, f"{status // 100}xx").inc()
 
     def adapter_rows(self, names: Iterable[str]) -> None:
-        """One batch's rows by adapter name (rows without an adapter are not counted)."""
+        """One batch's (or decode step's) rows by adapter name (rows without an adapter are not
+        counted)."""
         rows: dict[str, int] = {}
         for name in names:
             label = self.adapter_labels.label(name)

@@ -190,6 +190,7 @@ class Runtime:
             kv_cache_bytes=s.kv_cache_bytes,
             max_prefill_tokens=s.max_prefill_tokens,
             on_step=m.batch_size.labels("chat").observe,
+            on_rows=lambda rows: m.adapter_rows(r.adapter.name for r in rows if r.adapter is not None),
         )
         m.queue_depth.labels("chat").set_function(lambda: engine.depth)
         engine.start()

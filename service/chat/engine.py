@@ -96,6 +96,7 @@ class GenerationEngine:
         kv_cache_bytes: int | None = None,
         max_prefill_tokens: int = 512,
         on_step: Callable[[int], Any] | None = None,
+        on_rows: Callable[[list[GenRequest]], None] | None = None,
     ) -> None:
         self.backbone = backbone
         self._executor = executor
@@ -119,6 +120,7 @@ class GenerationEngine:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._on_step = on_step
+        self._on_rows = on_rows  # the rows of each decode step (per-adapter metrics)
         self.steps = 0
         self.batch_rows: collections.deque[int] = collections.deque(maxlen=4096)  # rows per decode step
         # per step: (rows decoded, prompts read, prompt tokens read), for tests and metrics
@@ -207,6 +209,8 @@ class GenerationEngine:
             self.steps += 1
             if self._on_step is not None:
                 self._on_step(len(rows))
+            if self._on_rows is not None:
+                self._on_rows(rows)
 
     def _free(self, requests: list[GenRequest]) -> None:
         for request in requests:

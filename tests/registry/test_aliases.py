@@ -150,7 +150,7 @@ async def test_identical_upload_answers_the_existing_version(admin_settings, tin
 
 async def test_chat_and_openai_model_take_aliases(make_settings, llava_dir):
     settings = make_settings(llava_model=str(llava_dir), admin_token=TOKEN)
-    async with running_app(settings) as (client, _):
+    async with running_app(settings) as (client, app):
         for seed in (1, 2):
             up = await upload(client, m2pt_bytes(llava_dir, "vqa", seed))
             assert up.status_code == 201, up.text
@@ -180,3 +180,7 @@ async def test_chat_and_openai_model_take_aliases(make_settings, llava_dir):
         assert await completion("vqa@prod") == await completion("vqa@1")
         assert (await put_alias(client, "vqa", "default", 2)).status_code == 200
         assert await completion("vqa") == await completion("vqa@2")
+        rows = app.state.metrics.registry.get_sample_value(
+            "promptswap_adapter_batch_rows_count", {"adapter": "vqa"}
+        )
+        assert rows and rows > 0  # chat decode steps count their rows per adapter
