@@ -10,7 +10,7 @@ from transformers import CLIPConfig
 
 from adapters.format import dump
 from adapters.maple import clip_fingerprint
-from tests.adapter_files import adapter_bytes, random_folded
+from fixtures.adapters import adapter_bytes, random_folded
 from tests.conftest import encode, make_image, running_app
 from tests.registry.test_admin_api import TOKEN, classify, logits_of, upload
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.adapters import adapter_bytes
 from service.access import load_api_keys
-from tests.adapter_files import adapter_bytes
 from tests.classify.test_errors import assert_error
 from tests.conftest import encode, make_image, running_app
 from tests.registry.test_admin_api import TOKEN, upload

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from fixtures.adapters import adapter_bytes
 from service.metrics import OTHER, AdapterLabels
-from tests.adapter_files import adapter_bytes
 from tests.conftest import running_app
 from tests.registry.test_admin_api import TOKEN, classify, upload
 

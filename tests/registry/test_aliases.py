@@ -9,7 +9,7 @@ from transformers import CLIPConfig
 
 from adapters.format import dump
 from adapters.maple import clip_fingerprint
-from tests.adapter_files import adapter_bytes, random_folded
+from fixtures.adapters import adapter_bytes, random_folded
 from tests.chat.test_chat_adapters import chat, m2pt_bytes
 from tests.conftest import encode, make_image, running_app
 from tests.llava_fixtures import save_tiny_llava
@@ -116,7 +116,9 @@ async def test_an_admitted_request_keeps_the_version_it_resolved(admin_settings,
         try:
             assert (await put_alias(client, "pets", "prod", 2)).status_code == 200
             assert await used(client, "pets@prod") == "pets@2"  # the next request moves
-            assert held.key == "pets@1" and registry.is_loaded("pets@1")
+            assert held.key == "pets@1"  # the held version is pinned: still loaded, still v1
+            versions = (await client.get("/v1/adapters/pets")).json()["versions"]
+            assert [v["loaded"] for v in versions] == [True, True]
         finally:
             registry.release(held)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.adapter_files import adapter_bytes
+from fixtures.adapters import adapter_bytes
 from tests.conftest import encode, make_image
 from tests.test_cli import free_port, serve, wait_ready
 

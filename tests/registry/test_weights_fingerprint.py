@@ -11,10 +11,10 @@ from transformers import CLIPConfig, CLIPModel
 from adapters.format import dump, read_adapter_file
 from adapters.maple import clip_fingerprint
 from adapters.weights import WEIGHTS, same_weights, weights_digest, with_weights
-from tests.adapter_files import adapter_bytes, random_folded
+from fixtures.adapters import adapter_bytes, random_folded
+from fixtures.tiny_models import save_tiny_clip
 from tests.conftest import running_app
 from tests.registry.test_admin_api import TOKEN, classify, store_snapshot, upload
-from tests.tiny_models import save_tiny_clip
 
 
 @pytest.fixture(scope="module")
