@@ -73,6 +73,8 @@ async def _batcher(queue: asyncio.Queue) -> None:
 async def lifespan(app: FastAPI):
     path = os.environ["BASELINE_MODEL"]
     dtype = getattr(torch, os.environ.get("BASELINE_DTYPE", "float32"))
+    if os.environ.get("BASELINE_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["BASELINE_TORCH_THREADS"]))
     state["model"] = CLIPModel.from_pretrained(path, dtype=dtype).eval()
     state["processor"] = AutoProcessor.from_pretrained(path)
     state["label_cache"] = {}

@@ -242,4 +242,11 @@ def write(run: Run, path: Path, proposals: list[str]) -> None:
         "(`adapters.format.dump`), uploaded through `POST /v1/admin/adapters`.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    # bench/host_cost.py owns its own section; a full run keeps it as it was.
+    from .host_cost import BEGIN, END
+
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        text += "\n" + BEGIN + old.partition(BEGIN)[2].partition(END)[0] + END + "\n"
+    path.write_text(text)
