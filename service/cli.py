@@ -15,11 +15,12 @@ import sys
 import threading
 from typing import Any
 
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from adapters import cli as adapters_cli
+from service.backbones.sources import SourceError, resolve
 from service.ray_options import RayOptions
-from service.settings import Settings
+from service.settings import Settings, SettingsError, load_settings
 
 
 def _option_type(annotation: Any) -> Any:
@@ -33,21 +34,38 @@ def _option_type(annotation: Any) -> Any:
     return str
 
 
+def shown_default(name: str) -> str:
+    """A setting's default as --help (and the README's table) show it."""
+    field = Settings.model_fields[name]
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "shown_default" in extra:
+        return str(extra["shown_default"])
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return "(unset)" if default is None or isinstance(default, SecretStr) else str(default)
+
+
 def add_settings_options(parser: argparse.ArgumentParser) -> None:
     """One ``--option`` per Settings field; absent options leave env/default in charge."""
     for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        shown = "(unset)" if default is None or isinstance(default, SecretStr) else default
+        help_text = f"{field.description} Default: {shown_default(name)}. Env: PROMPTSWAP_{name.upper()}."
+        option = "--" + name.replace("_", "-")
+        if field.annotation is bool:  # a flag: present means on
+            parser.add_argument(
+                option, dest=name, default=argparse.SUPPRESS, action="store_const", const=True, help=help_text
+            )
+            continue
         choices = getattr(field.annotation, "__args__", None)
         literal = choices if "Literal" in str(field.annotation) else None
         parser.add_argument(
-            "--" + name.replace("_", "-"),
+            option,
             dest=name,
             default=argparse.SUPPRESS,
             type=_option_type(field.annotation),
             choices=literal,
             metavar=None if literal else name.upper(),
-            help=f"{field.description} Default: {shown}. Env: PROMPTSWAP_{name.upper()}.",
+            help=help_text,
         )
 
 
@@ -78,15 +96,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def checked_settings(overrides: dict[str, Any]) -> Settings:
+    """Settings, and each model's source checked (exists, or the hub has it) before any
+    port opens: SettingsError or SourceError say what to change."""
+    return resolve_sources(load_settings(overrides))
+
+
+def resolve_sources(settings: Settings) -> Settings:
+    """Each model's source checked: SourceError says what to change."""
+    update: dict[str, Any] = {}
+    for kind in ("clip", "llava"):
+        source = getattr(settings, f"{kind}_model")
+        if source:
+            resolved = resolve(source, f"--{kind}-model", getattr(settings, f"{kind}_served_model_name"))
+            update[f"{kind}_model"] = resolved.load_from
+            update[f"{kind}_served_model_name"] = resolved.served_name
+    return settings.model_copy(update=update)
+
+
 def serve(overrides: dict[str, Any]) -> int:
     import uvicorn
 
     from service.main import create_app
 
     try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        print(f"promptswap: invalid settings:\n{exc}", file=sys.stderr)
+        settings = checked_settings(overrides)
+    except (SettingsError, SourceError) as exc:
+        print(f"promptswap: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -119,9 +155,9 @@ def serve(overrides: dict[str, Any]) -> int:
 def serve_ray(args: dict[str, Any]) -> int:
     ray_options = RayOptions.pop_from(args)
     try:
-        settings = Settings(**args)  # the CLI over this process's environment, as `serve`
-    except ValidationError as exc:
-        print(f"promptswap: invalid settings:\n{exc}", file=sys.stderr)
+        settings = load_settings(args)  # the CLI over this process's environment, as `serve`
+    except SettingsError as exc:
+        print(f"promptswap: {exc}", file=sys.stderr)
         return 2
     try:
         options = ray_options.deployment_options(settings)
@@ -138,6 +174,11 @@ def serve_ray(args: dict[str, Any]) -> int:
             f"promptswap: serve-ray needs Ray Serve ({exc}); install it with: pip install 'promptswap[ray]'",
             file=sys.stderr,
         )
+        return 2
+    try:
+        settings = resolve_sources(settings)  # after the import: no Ray is the first thing to fix
+    except SourceError as exc:
+        print(f"promptswap: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

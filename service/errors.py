@@ -50,6 +50,13 @@ class NotFound(ApiError):
     status, code = 404, "not_found"
 
 
+class NotServed(NotFound):
+    """A route or model for a backbone this service does not run: permanent, so never 503
+    (a load balancer would retry it elsewhere, and a client would wait for it)."""
+
+    code = "not_served"
+
+
 class Conflict(ApiError):
     status, code = 409, "conflict"
 
@@ -181,10 +188,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(exc.code, str(exc)), adapter_error_status(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        from service.http.strict import request_validation_message  # strict builds on this module
+
         details = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()]
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
-        message = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        message = request_validation_message(request, exc) or (
+            f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        )
         return JSONResponse(error_body("invalid_request", message, details=details), 422)
 
     @app.exception_handler(StarletteHTTPException)

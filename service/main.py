@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from service import __version__
 from service.access import load_api_keys
@@ -22,6 +23,7 @@ from service.http.middleware import (
     MetricsMiddleware,
     ReplicaHeaderMiddleware,
 )
+from service.http.strict import reject_unknown_query
 from service.metrics import Metrics
 from service.registry import admin
 from service.runtime import Runtime
@@ -29,6 +31,8 @@ from service.settings import Settings
 from service.ui import routes as ui_routes
 
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
+
+log = logging.getLogger("promptswap")
 
 
 def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
@@ -43,10 +47,13 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("%s", startup_report(settings, api_keys))
         runtime = Runtime(settings, metrics)
         app.state.runtime = runtime
         runtime.start(on_fatal)
         try:
+            if settings.wait_for_models:  # the port opens only once the models are ready
+                await runtime.wait_ready()
             yield
         finally:
             await runtime.stop()
@@ -56,6 +63,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
         version=__version__,
         description="One frozen vision-language backbone, many hot-swappable prompt adapters.",
         lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query)],  # every route, including ones added later
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -83,6 +91,21 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(ReplicaHeaderMiddleware, replica_id=replica_id(settings))
     return app
+
+
+def startup_report(settings: Settings, api_keys: list[bytes] | None) -> str:
+    """One block: every effective setting (secrets as set/unset), the store, what is on."""
+    keys = f"on ({len(api_keys)} keys from {settings.api_keys_file})" if api_keys else "off"
+    admin = "on" if settings.admin_token is not None else "off (no admin token)"
+    lines = [
+        f"promptswap {__version__} starting",
+        f"adapter store: {settings.adapter_dir}",
+        f"admin API: {admin}",
+        f"API keys: {keys}",
+        "settings:",
+        *(f"  {line}" for line in settings.describe()),
+    ]
+    return "\n".join(lines)
 
 
 def replica_id(settings: Settings) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 
 from service.backbones.clip import ClipBackbone
 from service.backbones.llava import LlavaBackbone
+from service.backbones.sources import default_served_name
 from service.chat.engine import GenerationEngine
 from service.chat.service import ChatService
 from service.classify.handler import ClassifyHandler, ClassifyItem, ClassifyResult
@@ -24,6 +26,7 @@ from service.classify.service import ClassifyService
 from service.classify.text_cache import TextCache
 from service.embeddings.handler import EmbeddingsHandler, EmbedItem
 from service.embeddings.service import EmbeddingsService
+from service.errors import Unprocessable
 from service.http.admission import ArrivalGate, Lane
 from service.metrics import Metrics
 from service.registry.adapter_registry import AdapterRegistry
@@ -43,6 +46,34 @@ class Services:
     classify: ClassifyService | None
     chat: ChatService | None
     embeddings: EmbeddingsService | None = None
+
+    def refuse_backbone_name(self, ref: str | None, method: str) -> None:
+        """A backbone's name where an adapter goes (422): say which backbone serves what."""
+        serves = {"maple": "/v1/classify", "m2pt": "/v1/chat and /v1/chat/completions"}
+        named = {"maple": self.classify, "m2pt": self.chat}
+        for own, service in named.items():
+            if ref is None or service is None or ref != service.model_id:
+                continue
+            kind = "CLIP" if own == "maple" else "LLaVA"
+            if own == method:
+                raise Unprocessable(
+                    f"{ref!r} is this service's {kind} backbone, not an adapter; leave it out"
+                )
+            here = named[method]
+            other = f"; this route is served by {here.model_id!r}" if here is not None else ""
+            raise Unprocessable(f"{ref!r} is the {kind} backbone: it serves {serves[own]}{other}")
+
+
+def log_model(kind: str, backbone: ClipBackbone | LlavaBackbone, source: str, load_s: float) -> None:
+    log.info(
+        "model %s: id %r (from %s) on %s as %s, loaded in %.2f s",
+        kind,
+        backbone.model_id,
+        source,
+        backbone.device,
+        str(backbone.dtype).removeprefix("torch."),
+        load_s,
+    )
 
 
 class Runtime:
@@ -101,13 +132,19 @@ class Runtime:
         s = self.settings
         clip = llava = None
         if s.clip_model:
+            started = time.perf_counter()
             clip = await loop.run_in_executor(
                 self.model_executor, ClipBackbone.load, s.clip_model, s.device, s.dtype
             )
+            clip.model_id = s.clip_served_model_name or default_served_name(s.clip_model)
+            log_model("clip", clip, s.clip_model, time.perf_counter() - started)
         if s.llava_model:
+            started = time.perf_counter()
             llava = await loop.run_in_executor(
                 self.model_executor, LlavaBackbone.load, s.llava_model, s.device, s.dtype
             )
+            llava.model_id = s.llava_served_model_name or default_served_name(s.llava_model)
+            log_model("llava", llava, s.llava_model, time.perf_counter() - started)
         placements: dict[str, Placement] = {}
         if clip is not None:
             placements["maple"] = maple_placement(clip)

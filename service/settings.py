@@ -7,12 +7,22 @@ the default. The field descriptions are the ``--help`` text.
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "PROMPTSWAP_"
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+# PROMPTSWAP_* names that are not settings: compose's published ports (read by
+# docker-compose.yml on the host) and the tests' switch for cluster tools.
+NOT_SETTINGS = frozenset(
+    {"PROMPTSWAP_HTTP_PORT", "PROMPTSWAP_PROMETHEUS_PORT", "PROMPTSWAP_REQUIRE_CLUSTER_TOOLS"}
+)
 
 
 def default_adapter_dir() -> Path:
@@ -21,17 +31,20 @@ def default_adapter_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PROMPTSWAP_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     # Backbone
     clip_model: str | None = Field(
-        "openai/clip-vit-base-patch16",
-        description="CLIP checkpoint: a model-hub id or a local directory ('' to run without CLIP).",
+        None,
+        description="CLIP checkpoint for /v1/classify: a model-hub id or a local directory ('' turns "
+        "CLIP off).",
+        json_schema_extra={"shown_default": f"{DEFAULT_CLIP}, unless --llava-model is given (then no CLIP)"},
     )
     llava_model: str | None = Field(
         None,
         description="LLaVA checkpoint for /v1/chat: a hub id (e.g. llava-hf/llava-1.5-7b-hf) or a "
         "local directory; unset runs without chat.",
+        json_schema_extra={"shown_default": "unset (no chat)"},
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the backbone runs.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -46,7 +59,12 @@ class Settings(BaseSettings):
     # Scheduler
     max_batch_size: int = Field(32, ge=1, le=4096, description="Rows per model batch.")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill.")
-    max_queue: int = Field(256, ge=1, description="Requests waiting for the model; past it: 429.")
+    max_queue: int = Field(
+        256,
+        ge=1,
+        description="Requests queued for the model plus those still arriving (reading their body, "
+        "decoding); past it: 429 before the body is read.",
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of a request from admission; past it: 504."
     )
@@ -58,9 +76,14 @@ class Settings(BaseSettings):
         le=256,
         description="torch intra-op threads for the model (default: cores - 1, leaving one to "
         "image decoding and HTTP).",
+        json_schema_extra={"shown_default": "cores - 1"},
     )
     decode_threads: int = Field(
-        min(4, os.cpu_count() or 1), ge=1, le=64, description="Threads decoding images."
+        min(4, os.cpu_count() or 1),
+        ge=1,
+        le=64,
+        description="Threads decoding images.",
+        json_schema_extra={"shown_default": "min(4, cores)"},
     )
     jpeg_draft: bool = Field(
         False,
@@ -72,11 +95,17 @@ class Settings(BaseSettings):
     chat_max_batch_size: int = Field(
         16, ge=1, le=1024, description="Chat requests decoded together (joining between steps)."
     )
-    chat_max_queue: int = Field(64, ge=1, description="Chat requests waiting to start; past it: 429.")
+    chat_max_queue: int = Field(
+        64,
+        ge=1,
+        description="Chat requests waiting to start plus those still arriving; past it: 429 before "
+        "the body is read.",
+    )
     kv_cache_bytes: int | None = Field(
         None,
         ge=1,
         description="Chat KV cache, preallocated (default: half the free memory on CUDA, 1 GiB on CPU).",
+        json_schema_extra={"shown_default": "half the free GPU memory; 1 GiB on CPU"},
     )
     max_prefill_tokens: int = Field(
         512, ge=1, le=1_000_000, description="Prompt tokens read per chat step (longer prompts span steps)."
@@ -107,7 +136,11 @@ class Settings(BaseSettings):
     )
 
     # Adapters
-    adapter_dir: Path = Field(default_factory=default_adapter_dir, description="Adapter store directory.")
+    adapter_dir: Path = Field(
+        default_factory=default_adapter_dir,
+        description="Adapter store directory.",
+        json_schema_extra={"shown_default": "$XDG_DATA_HOME/promptswap/adapters"},
+    )
     adapter_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="Device memory for loaded adapters (LRU beyond it)."
     )
@@ -132,6 +165,7 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9._:-]+$",
         description="This replica's name, sent as the X-Promptswap-Replica response header (which "
         "replica answered, behind a load balancer). Unset: hostname-pid.",
+        json_schema_extra={"shown_default": "hostname-pid"},
     )
 
     # Chat request bounds
@@ -154,12 +188,6 @@ class Settings(BaseSettings):
         ge=1,
         description="Retry-After of a 503 when the device has no memory left for an adapter and "
         "every loaded one is in use.",
-    )
-    retry_after_not_served_s: int = Field(
-        3600,
-        ge=1,
-        description="Retry-After of a 503 for a capability this replica does not run (no CLIP or "
-        "no LLaVA backbone): other replicas may.",
     )
 
     # Embeddings
@@ -196,3 +224,104 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    # First run and model names (appended: keep new fields at the end)
+    clip_served_model_name: str | None = Field(
+        None,
+        max_length=256,
+        description="The CLIP backbone's name in answers' 'model', in /v1/models and in requests.",
+        json_schema_extra={"shown_default": "the hub id, or a local directory's name"},
+    )
+    llava_served_model_name: str | None = Field(
+        None,
+        max_length=256,
+        description="The LLaVA backbone's name in answers' 'model', in /v1/models and as the "
+        "OpenAI 'model' field.",
+        json_schema_extra={"shown_default": "the hub id, or a local directory's name"},
+    )
+    wait_for_models: bool = Field(
+        False,
+        description="Load the models before listening (the port opens only when they are ready); "
+        "otherwise listen at once and answer /readyz 503 while they load.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_environment(cls, data: Any) -> Any:
+        unknown = unknown_environment(os.environ)
+        if unknown:
+            raise ValueError(unknown[0])
+        return data
+
+    @model_validator(mode="after")
+    def _default_backbone(self) -> Settings:
+        # The default CLIP only when nothing is named: --llava-model X alone serves chat only.
+        if self.clip_model is None and not self.llava_model:
+            self.clip_model = DEFAULT_CLIP
+        return self
+
+    def describe(self, masked: bool = True) -> list[str]:
+        """``name = value`` for every setting, secrets as set/unset (the start-up log)."""
+        lines = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                shown = "set (hidden)" if masked else value.get_secret_value()
+            elif value is None:
+                shown = "unset"
+            else:
+                shown = str(value)
+            lines.append(f"{name} = {shown}")
+        return lines
+
+
+def closest_setting(name: str) -> str | None:
+    known = [ENV_PREFIX + field.upper() for field in Settings.model_fields]
+    close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """A message per PROMPTSWAP_* variable that names no setting."""
+    known = {ENV_PREFIX + field.upper() for field in Settings.model_fields}
+    messages = []
+    for name in sorted(environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known | NOT_SETTINGS:
+            close = closest_setting(name)
+            hint = f"did you mean {close}?" if close else "see promptswap serve --help"
+            messages.append(f"unknown setting {name} in the environment; {hint}")
+    return messages
+
+
+class SettingsError(ValueError):
+    """Settings that cannot start the service; the message names each culprit."""
+
+
+def load_settings(overrides: Mapping[str, Any]) -> Settings:
+    """Settings from CLI ``overrides`` over the environment; SettingsError says what is wrong
+    as the user typed it (``--max-batch-size`` or ``PROMPTSWAP_MAX_BATCH_SIZE``)."""
+    unknown = unknown_environment(os.environ)
+    if unknown:
+        raise SettingsError("\n".join(unknown))
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError("\n".join(_explain(e, overrides) for e in exc.errors())) from None
+
+
+def _explain(error: Mapping[str, Any], overrides: Mapping[str, Any]) -> str:
+    loc = error.get("loc") or ()
+    field = str(loc[0]) if loc else ""
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if field not in Settings.model_fields:
+        return message
+    env = ENV_PREFIX + field.upper()
+    if field in overrides:
+        source = f"--{field.replace('_', '-')} {overrides[field]!r}"
+    elif env in os.environ:
+        source = f"{env}={os.environ[env]!r}"
+    else:
+        source = f"--{field.replace('_', '-')}"
+    if Settings.model_fields[field].annotation is SecretStr or "token" in field:
+        source = source.split("=")[0].split(" ")[0]  # never echo a secret
+    return f"{source}: {message}"

@@ -7,23 +7,25 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.chat import request as chat
 from service.chat.engine import GenRequest
+from service.chat.openai_schema import CompletionRequest, refuse_unsupported
 from service.chat.service import ChatService
 from service.errors import ApiError, BadRequest, UnsupportedMediaType, error_body
 from service.http.bodies import validated, validated_json
-from service.http.deps import ChatDep
+from service.http.deps import ChatDep, ServicesDep
 from service.http.disconnect import ClientGone, unless_disconnected
 from service.http.images import decode_base64_image
 from service.http.schemas import ErrorBody, inline_schema
+from service.http.strict import StrictModel, check_form, field_names
 from service.registry.adapter_registry import LoadedAdapter
 from service.settings import Settings
 
@@ -37,7 +39,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # ---------------------------------------------------------------- /v1/chat
 
 
-class ChatJSON(BaseModel):
+class ChatJSON(StrictModel):
     image: str = Field(description="The image as base64 or a data: URL (no remote URLs).")
     instruction: str = Field(description="What to do with the image.")
     adapter: str | None = Field(None, description="M2PT adapter as 'name' or 'name@version'.")
@@ -74,6 +76,7 @@ async def parse_chat_body(request: Request, runtime_settings: Settings) -> chat.
             form = await request.form(max_files=2, max_fields=16, max_part_size=part_bytes)
         except HTTPException as exc:
             raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+        check_form(form, field_names(ChatJSON))
         files = [v for v in form.getlist("image") if isinstance(v, UploadFile)]
         chat.check_one_image(len(files))
         image = await files[0].read()
@@ -134,10 +137,11 @@ async def parse_chat_body(request: Request, runtime_settings: Settings) -> chat.
         }
     },
 )
-async def chat_route(request: Request, service: ChatDep) -> Any:
+async def chat_route(request: Request, service: ChatDep, services: ServicesDep) -> Any:
     """Answer an instruction about one image, with an optional M2PT adapter."""
     with service.lane.admit() as place:  # before the body is read
         call = await parse_chat_body(request, service.settings)
+        services.refuse_backbone_name(call.adapter, "m2pt")
         generation, adapter = await service.start(call, place)
     model = service.model_id
     rid = f"chat-{uuid.uuid4().hex[:24]}"
@@ -222,46 +226,6 @@ def sse(
 # ---------------------------------------------------------------- OpenAI-compatible
 
 
-class ImageURL(BaseModel):
-    url: str
-    detail: str | None = None
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart | ImagePart]
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
-
-
 @router.post(
     "/v1/chat/completions",
     responses=ERRORS,
@@ -272,12 +236,13 @@ class CompletionRequest(BaseModel):
         }
     },
 )
-async def chat_completions(request: Request, service: ChatDep) -> Any:
+async def chat_completions(request: Request, service: ChatDep, services: ServicesDep) -> Any:
     """OpenAI's chat completions: messages with text and data: URL image parts."""
     if not request.headers.get("content-type", "").lower().startswith("application/json"):
         raise UnsupportedMediaType("send application/json")
     with service.lane.admit() as place:  # before the body is read
         body = validated_json(CompletionRequest, await request.body())
+        refuse_unsupported(body)
         conversation, image = chat.openai_conversation(body.messages, service.settings.max_body_bytes)
         call = chat.ChatCall(
             conversation=conversation,
@@ -289,6 +254,7 @@ async def chat_completions(request: Request, service: ChatDep) -> Any:
             seed=body.seed,
             stop=stops(body.stop),
         )
+        services.refuse_backbone_name(call.adapter, "m2pt")
         generation, adapter = await service.start(call, place)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())

@@ -14,6 +14,7 @@ from service.errors import ApiError, BadRequest, Unprocessable, UnsupportedMedia
 from service.http.bodies import validated, validated_json
 from service.http.images import decode_base64_image
 from service.http.schemas import ClassifyJSON
+from service.http.strict import check_form, field_names
 from service.registry.adapter_registry import LoadedAdapter
 from service.settings import Settings
 
@@ -94,6 +95,7 @@ async def _parse_multipart(request: Request, s: Settings) -> tuple[ClassifyJSON,
         if "files" in str(exc.detail):
             raise Unprocessable(f"images: at most {max_images(s)} image files per request") from None
         raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+    check_form(form, field_names(ClassifyJSON))
     image = form.get("image")
     files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
     if files:

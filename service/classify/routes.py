@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from service.classify.request import parse_classify
 from service.classify.service import Ranked
 from service.errors import ApiError
-from service.http.deps import ClassifyDep
+from service.http.deps import ClassifyDep, ServicesDep
 from service.http.disconnect import ClientGone, unless_disconnected
 from service.http.schemas import (
     ClassifiedRow,
@@ -64,11 +64,12 @@ CLASSIFY_BODY = {
     responses=ERROR_RESPONSES,
     openapi_extra=CLASSIFY_BODY,
 )
-async def classify(request: Request, service: ClassifyDep) -> Any:
+async def classify(request: Request, service: ClassifyDep, services: ServicesDep) -> Any:
     """Classify one image (``image``) or several (``images``, answered as ``results`` in
     order) against a label set, zero-shot or with a prompt adapter."""
     with service.lane.admit() as place:  # before the body is read
         call = await parse_classify(request, service.settings)
+        services.refuse_backbone_name(call.adapter, "maple")
         try:
             if call.images is not None:
                 used, rows = await unless_disconnected(request, service.classify_many(call, place))

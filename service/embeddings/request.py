@@ -16,6 +16,7 @@ from service.embeddings.schemas import EmbeddingsRequest
 from service.errors import ApiError, BadRequest, Unprocessable
 from service.http.images import decode_base64_image, decode_image
 from service.http.schemas import DEFAULT_TEMPLATE
+from service.http.strict import validation_message
 from service.settings import Settings
 
 IMAGE_PREFIX = "data:image/"
@@ -28,8 +29,7 @@ def parse_body(raw: bytes, s: Settings) -> EmbeddingsRequest:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
             raise BadRequest(f"the body is not valid JSON: {first['msg']}") from None
-        loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or p >= 0) or "body"
-        raise Unprocessable(f"{loc}: {first['msg']}") from None
+        raise Unprocessable(validation_message(exc, EmbeddingsRequest)) from None  # names the closest field
     if body.dimensions is not None:
         raise Unprocessable(
             "dimensions: not supported; a CLIP backbone's embeddings have one size (leave it out)"

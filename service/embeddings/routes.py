@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service.embeddings import request as parsing
 from service.embeddings.schemas import Embedding, EmbeddingsRequest, EmbeddingsResponse, Usage
 from service.embeddings.service import EmbeddingsService
-from service.errors import NotFound, Unavailable, UnsupportedMediaType
+from service.errors import NotFound, NotServed, UnsupportedMediaType
 from service.http.deps import RuntimeDep, ServicesDep
 from service.http.disconnect import ClientGone, unless_disconnected
 from service.http.schemas import ErrorBody, inline_schema
@@ -26,12 +26,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         400: "an image is not decodable, malformed body",
-        404: "unknown model or adapter",
+        404: "unknown model or adapter, or no CLIP backbone",
         413: "body or image over its bound",
         415: "not JSON",
         422: "invalid input, too many inputs, a text too long, dimensions given",
         429: "queue full (see Retry-After)",
-        503: "not ready, no CLIP backbone, or shutting down (see Retry-After)",
+        503: "not ready or shutting down (see Retry-After)",
         504: "deadline passed",
     }.items()
 }
@@ -39,8 +39,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 def get_embeddings(services: ServicesDep, runtime: RuntimeDep) -> EmbeddingsService:
     if services.embeddings is None:
-        raise Unavailable(
-            "this service runs no CLIP backbone", retry_after_s=runtime.settings.retry_after_not_served_s
+        raise NotServed(
+            "this service runs no CLIP backbone, so it serves no embeddings; start it with --clip-model "
+            "(GET /v1/models lists what it serves)"
         )
     return services.embeddings
 

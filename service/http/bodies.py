@@ -8,13 +8,13 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from service.errors import BadRequest, Unprocessable
+from service.http.strict import validation_message
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def _first_error(exc: ValidationError) -> Unprocessable:
-    first = exc.errors()[0]
-    return Unprocessable(f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}")
+def _first_error(exc: ValidationError, model: type[BaseModel]) -> Unprocessable:
+    return Unprocessable(validation_message(exc, model))  # an unknown field names the closest known
 
 
 def validated(model: type[M], data: Any) -> M:
@@ -22,7 +22,7 @@ def validated(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _first_error(exc) from None
+        raise _first_error(exc, model) from None
 
 
 def validated_json(model: type[M], raw: bytes) -> M:
@@ -32,4 +32,4 @@ def validated_json(model: type[M], raw: bytes) -> M:
     except ValidationError as exc:
         if exc.errors()[0]["type"] == "json_invalid":
             raise BadRequest(f"the body is not valid JSON: {exc.errors()[0]['msg']}") from None
-        raise _first_error(exc) from None
+        raise _first_error(exc, model) from None

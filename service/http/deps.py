@@ -1,5 +1,6 @@
 """Dependencies shared by the routers: the runtime, and each capability's service once the
-models are loaded (503 while they load, or for a capability this replica does not run)."""
+models are loaded (503 while they load; 404 for a capability this replica does not run:
+that is permanent, and a balancer must not resend it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi import Depends, Request
 
 from service.chat.service import ChatService
 from service.classify.service import ClassifyService
-from service.errors import Unavailable
+from service.errors import NotServed, Unavailable
 from service.registry.adapter_registry import AdapterRegistry
 from service.runtime import Runtime, Services
 
@@ -41,17 +42,18 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 def get_classify(services: ServicesDep, runtime: RuntimeDep) -> ClassifyService:
     if services.classify is None:
-        raise Unavailable(
-            "this service runs no CLIP backbone", retry_after_s=runtime.settings.retry_after_not_served_s
+        raise NotServed(
+            "this service runs no CLIP backbone, so it serves no classify; start it with --clip-model "
+            "(GET /v1/models lists what it serves)"
         )
     return services.classify
 
 
 def get_chat(services: ServicesDep, runtime: RuntimeDep) -> ChatService:
     if services.chat is None:
-        raise Unavailable(
-            "this service runs no LLaVA backbone (start it with --llava-model)",
-            retry_after_s=runtime.settings.retry_after_not_served_s,
+        raise NotServed(
+            "this service runs no LLaVA backbone, so it serves no chat; start it with --llava-model "
+            "(GET /v1/models lists what it serves)"
         )
     return services.chat
 

@@ -6,10 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.http.strict import StrictModel
+
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
-class ClassifyJSON(BaseModel):
+class ClassifyJSON(StrictModel):
     """``POST /v1/classify`` as JSON; multipart/form-data takes the same fields."""
 
     image: str | None = Field(None, description="The image as base64 or a data: URL (no remote URLs).")

@@ -26,6 +26,7 @@ from service.errors import (
 )
 from service.http.deps import RegistryDep, RuntimeDep
 from service.http.schemas import ErrorBody
+from service.http.strict import check_form
 from service.registry.adapter_registry import parse_ref
 from service.registry.store import NoSuchVersion, StoreFull, VersionAliased, check_alias
 
@@ -110,6 +111,7 @@ async def upload_adapter(
         form = await request.form(max_files=1, max_fields=4, max_part_size=4096)
     except HTTPException as exc:
         raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+    check_form(form, ("file", "name"))
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise Unprocessable("file: a file field named 'file' is required")

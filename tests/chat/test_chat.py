@@ -149,7 +149,7 @@ async def test_openai_client_works_unchanged(chat_settings, tiny_llava_dir):
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
         oa = openai.AsyncOpenAI(api_key="unused", base_url="http://test/v1", http_client=http)
         models = await oa.models.list()
-        assert str(tiny_llava_dir) in [m.id for m in models.data]
+        assert tiny_llava_dir.name in [m.id for m in models.data]
         messages = [
             {
                 "role": "user",
@@ -160,13 +160,13 @@ async def test_openai_client_works_unchanged(chat_settings, tiny_llava_dir):
             }
         ]
         completion = await oa.chat.completions.create(
-            model=str(tiny_llava_dir), messages=messages, max_tokens=12, temperature=0
+            model=tiny_llava_dir.name, messages=messages, max_tokens=12, temperature=0
         )
         plain = (await chat(client, 0, INSTRUCTIONS[0], max_tokens=12)).json()
         assert completion.choices[0].message.content == plain["text"]
         assert completion.usage.completion_tokens == plain["usage"]["completion_tokens"]
         stream = await oa.chat.completions.create(
-            model=str(tiny_llava_dir),
+            model=tiny_llava_dir.name,
             messages=messages,
             max_tokens=12,
             temperature=0,
@@ -182,7 +182,7 @@ async def test_openai_client_works_unchanged(chat_settings, tiny_llava_dir):
         assert "".join(pieces) == plain["text"] and usage.total_tokens == completion.usage.total_tokens
         with pytest.raises(openai.BadRequestError):
             await oa.chat.completions.create(
-                model=str(tiny_llava_dir),
+                model=tiny_llava_dir.name,
                 max_tokens=4,
                 messages=[
                     {
@@ -283,6 +283,6 @@ async def test_maple_adapter_on_chat_is_422(chat_settings, tiny_clip_dir):
         assert r.status_code == 422 and "maple" in r.json()["error"]["message"]
 
 
-async def test_chat_without_llava_is_503(client):
+async def test_chat_without_llava_is_404(client):
     r = await chat(client, 0, "hi")
-    assert r.status_code == 503 and "LLaVA" in r.json()["error"]["message"]
+    assert r.status_code == 404 and "LLaVA" in r.json()["error"]["message"]

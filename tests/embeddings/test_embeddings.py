@@ -65,7 +65,7 @@ async def upload(client, data: bytes) -> None:
 
 async def test_zero_shot_embeddings_equal_transformers(client, tiny_clip_dir, reference):
     ref_image, ref_text = reference
-    model = str(tiny_clip_dir)
+    model = tiny_clip_dir.name
     inputs = [data_url(0), TEXTS[0], data_url(1), *TEXTS[1:]]
     body = await embed(client, model, inputs)
     assert body["object"] == "list" and body["model"] == model
@@ -83,7 +83,7 @@ async def test_zero_shot_embeddings_equal_transformers(client, tiny_clip_dir, re
 
 
 async def test_base64_is_little_endian_float32_of_the_same_numbers(client, tiny_clip_dir):
-    model = str(tiny_clip_dir)
+    model = tiny_clip_dir.name
     floats = await embed(client, model, [TEXTS[0], data_url(2)])
     packed = await embed(client, model, [TEXTS[0], data_url(2)], encoding_format="base64")
     for f, p in zip(floats["data"], packed["data"], strict=True):
@@ -96,7 +96,7 @@ async def test_batched_rows_equal_rows_alone(make_settings, tiny_clip_dir):
     settings = make_settings(max_batch_size=16, max_wait_ms=300)
     requests = [[data_url(seed), TEXTS[seed % 4]] for seed in range(6)]
     async with running_app(settings) as (client, app):
-        model = str(tiny_clip_dir)
+        model = tiny_clip_dir.name
         alone = [vectors(await embed(client, model, inputs)) for inputs in requests]
         together = await asyncio.gather(*(embed(client, model, inputs) for inputs in requests))
         registry = app.state.metrics.registry
@@ -111,9 +111,9 @@ async def test_batched_rows_equal_rows_alone(make_settings, tiny_clip_dir):
 async def test_repeated_texts_come_from_the_text_cache(make_settings, tiny_clip_dir):
     async with running_app(make_settings()) as (client, app):
         handler = app.state.runtime.services.classify.handler
-        await embed(client, str(tiny_clip_dir), TEXTS)
+        await embed(client, tiny_clip_dir.name, TEXTS)
         forwards = handler.text_forwards
-        await embed(client, str(tiny_clip_dir), [TEXTS[2], TEXTS[0], TEXTS[0]])
+        await embed(client, tiny_clip_dir.name, [TEXTS[2], TEXTS[0], TEXTS[0]])
         assert handler.text_forwards == forwards
         # Classify's label cache and the embeddings' texts are one cache: the same prompt is
         # computed once (the label "dog" in the default template is the text below).
@@ -124,7 +124,7 @@ async def test_repeated_texts_come_from_the_text_cache(make_settings, tiny_clip_
         )
         assert response.status_code == 200
         forwards = handler.text_forwards
-        await embed(client, str(tiny_clip_dir), "a photo of a dog.")
+        await embed(client, tiny_clip_dir.name, "a photo of a dog.")
         assert handler.text_forwards == forwards
 
 
@@ -148,9 +148,9 @@ async def test_adapter_embeddings_give_classify_logits(make_settings, tiny_clip_
             for label, text in zip(labels, texts, strict=True):
                 assert float(image @ text) == pytest.approx(logits[label] / scale, abs=1e-5)
         # Sensitive: the adapter's embeddings are not the zero-shot ones.
-        plain = vectors(await embed(client, str(tiny_clip_dir), [data_url(3), labels[0]]))
+        plain = vectors(await embed(client, tiny_clip_dir.name, [data_url(3), labels[0]]))
         assert (plain[0] - image).abs().max() > 1e-2
-        zero_shot_text = vectors(await embed(client, str(tiny_clip_dir), f"a photo of a {labels[0]}."))[0]
+        zero_shot_text = vectors(await embed(client, tiny_clip_dir.name, f"a photo of a {labels[0]}."))[0]
         assert (zero_shot_text - texts[0]).abs().max() > 1e-2
 
 
@@ -162,17 +162,17 @@ async def test_openai_client_works_unchanged(make_settings, tiny_clip_dir, refer
         async with AsyncClient(transport=transport, base_url="http://test") as http:
             oa = openai.AsyncOpenAI(api_key="unused", base_url="http://test/v1", http_client=http)
             # The client asks for base64 unless told otherwise, and decodes it itself.
-            result = await oa.embeddings.create(model=str(tiny_clip_dir), input=[TEXTS[1], data_url(4)])
+            result = await oa.embeddings.create(model=tiny_clip_dir.name, input=[TEXTS[1], data_url(4)])
             assert len(result.data) == 2 and result.data[1].index == 1
             got = torch.tensor(result.data[0].embedding)
             assert torch.allclose(got, ref_text(TEXTS[1]), atol=1e-5)
             floats = await oa.embeddings.create(
-                model=str(tiny_clip_dir), input=TEXTS[1], encoding_format="float"
+                model=tiny_clip_dir.name, input=TEXTS[1], encoding_format="float"
             )
             assert floats.data[0].embedding == pytest.approx(result.data[0].embedding, abs=1e-7)
             assert result.usage.prompt_tokens > 0
             with pytest.raises(openai.UnprocessableEntityError):
-                await oa.embeddings.create(model=str(tiny_clip_dir), input="cat", dimensions=8)
+                await oa.embeddings.create(model=tiny_clip_dir.name, input="cat", dimensions=8)
             with pytest.raises(openai.NotFoundError):
                 await oa.embeddings.create(model="no-such-adapter", input="cat")
 
@@ -199,7 +199,7 @@ async def test_openai_client_works_unchanged(make_settings, tiny_clip_dir, refer
 async def test_bad_requests_get_clear_errors(make_settings, tiny_clip_dir, body, status, needle):
     settings = make_settings(max_embedding_inputs=8, max_embedding_text_chars=300)
     async with running_app(settings) as (client, _):
-        payload = {"model": str(tiny_clip_dir), **body}
+        payload = {"model": tiny_clip_dir.name, **body}
         response = await client.post("/v1/embeddings", json=payload)
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -218,5 +218,5 @@ async def test_not_json_and_bad_json(client):
 async def test_a_request_larger_than_the_queue_is_refused_as_invalid(make_settings, tiny_clip_dir):
     """A permanent condition is never a 503/429: more rows than the queue holds is a 422."""
     async with running_app(make_settings(max_queue=4)) as (client, _):
-        response = await client.post("/v1/embeddings", json={"model": str(tiny_clip_dir), "input": ["a"] * 5})
+        response = await client.post("/v1/embeddings", json={"model": tiny_clip_dir.name, "input": ["a"] * 5})
     assert response.status_code == 422 and "at most 4" in response.json()["error"]["message"]
