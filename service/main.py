@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sized
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -93,7 +93,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     return app
 
 
-def startup_report(settings: Settings, api_keys: list[bytes] | None) -> str:
+def startup_report(settings: Settings, api_keys: Sized | None) -> str:
     """One block: every effective setting (secrets as set/unset), the store, what is on."""
     keys = f"on ({len(api_keys)} keys from {settings.api_keys_file})" if api_keys else "off"
     admin = "on" if settings.admin_token is not None else "off (no admin token)"
