@@ -74,8 +74,8 @@ class Settings(BaseSettings):
         max(1, (os.cpu_count() or 1) - 1),
         ge=1,
         le=256,
-        description="torch intra-op threads for the model (default: cores - 1, leaving one to "
-        "image decoding and HTTP).",
+        description="torch intra-op threads for the model; the default leaves one core to image "
+        "decoding and HTTP.",
         json_schema_extra={"shown_default": "cores - 1"},
     )
     decode_threads: int = Field(
@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     kv_cache_bytes: int | None = Field(
         None,
         ge=1,
-        description="Chat KV cache, preallocated (default: half the free memory on CUDA, 1 GiB on CPU).",
+        description="Chat KV cache, preallocated at start.",
         json_schema_extra={"shown_default": "half the free GPU memory; 1 GiB on CPU"},
     )
     max_prefill_tokens: int = Field(

@@ -4,6 +4,7 @@ models standing in for the hub ids (offline: HF_HUB_OFFLINE=1)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -177,3 +178,16 @@ def test_the_readme_examples_run(workdir: Path):
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+def test_every_serve_option_has_one_default_and_a_help_text():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("serve", "serve-ray"):
+        sub = commands.choices[name]
+        text = sub.format_help()
+        assert "(default:" not in text, name  # no second, generated default
+        for action in sub._actions:
+            if action.dest not in Settings.model_fields:
+                continue  # -h, and serve-ray's own Ray options
+            assert action.help and action.help.count("Default:") == 1, (name, action.option_strings)

@@ -25,7 +25,7 @@ class PreparedPrompt:
     """A chat prompt ready for the model (made in the decode threads)."""
 
     input_ids: torch.Tensor  # (1, L)
-    pixel_values: torch.Tensor  # (1, 3, H, W)
+    pixel_values: torch.Tensor | None  # (1, 3, H, W); None for a text-only prompt
 
     @property
     def length(self) -> int:
@@ -64,14 +64,15 @@ class LlavaBackbone:
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    def prepare(self, image: Image.Image, conversation: list[dict]) -> PreparedPrompt:
-        """Chat template + image processing; ``conversation`` holds exactly one image part."""
+    def prepare(self, image: Image.Image | None, conversation: list[dict]) -> PreparedPrompt:
+        """Chat template + image processing; ``conversation`` holds one image part, or none
+        (then ``image`` is None: the language model answers alone)."""
         with self._processor_lock:
             text = self.processor.apply_chat_template(
                 conversation, add_generation_prompt=True, tokenize=False
             )
             inputs = self.processor(images=image, text=text, return_tensors="pt")
-        return PreparedPrompt(inputs["input_ids"], inputs["pixel_values"])
+        return PreparedPrompt(inputs["input_ids"], inputs.get("pixel_values"))
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -83,7 +84,7 @@ class LlavaBackbone:
         """The prompt's input embeddings (L, D), the image merged in (through an M2PT adapter's
         visual prompts and interaction layer when one is given)."""
         ids = prompt.input_ids.to(self.device)
-        pixels = prompt.pixel_values.to(self.device, self.dtype)
+        pixels = None if prompt.pixel_values is None else prompt.pixel_values.to(self.device, self.dtype)
         folded = None if adapter is None else adapter.folded  # type: ignore[attr-defined]
         return merge_image_tokens(self.model, ids, pixels, [folded])[0]
 

@@ -32,6 +32,7 @@ import torch
 from service.backbones.llava import LlavaBackbone, PreparedPrompt
 from service.chat.detokenize import Detokenizer
 from service.chat.kv_slots import KVSlots, SlotBatch, default_cache_bytes
+from service.chat.sampling import SamplingExtras
 from service.scheduling.batcher import Closed, Expired, QueueFull
 
 log = logging.getLogger("promptswap.generation")
@@ -48,6 +49,7 @@ class Delta:
     text: str
     tokens: int  # completion tokens so far
     finish_reason: str | None = None  # "stop" | "length"
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # this step's token, if asked for
 
 
 @dataclass(eq=False)
@@ -59,6 +61,7 @@ class GenRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     adapter: Any = None  # a loaded M2PT adapter, or None
+    extras: SamplingExtras | None = None  # OpenAI penalties and logprobs: this row only
     deadline: float = float("inf")  # on the loop's clock
     events: asyncio.Queue[Delta | BaseException] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -75,6 +78,7 @@ class GenRequest:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     detokenizer: Detokenizer | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # every delta's, when asked for
 
     @property
     def prompt_tokens(self) -> int:
@@ -324,14 +328,21 @@ class GenerationEngine:
         return logits
 
     def _advance(self, request: GenRequest, logits: torch.Tensor) -> Delta:
+        extras = request.extras
+        if extras is not None:  # penalties change the logits the token is sampled from
+            logits = extras.apply_penalties(logits, request.generated)
         token = self.sample(request, logits)
         request.last_token = token
         request.completion_tokens += 1
+        logprobs: list[dict[str, Any]] = []
         assert request.detokenizer is not None
         if token in self.backbone.eos_token_ids:
             request.finish_reason = "stop"
             request.text += request.detokenizer.flush()
         else:
+            if extras is not None and extras.top_logprobs is not None:
+                logprobs.append(extras.entry(logits, token, lambda t: self.backbone.tokenizer.decode([t])))
+                request.logprobs.extend(logprobs)
             request.generated.append(token)
             piece = request.detokenizer.add(token)
             limit = min(self.backbone.context_length, self.kv.slot_tokens)
@@ -345,7 +356,9 @@ class GenerationEngine:
             # hold back a tail that could still become a stop string
             hold = max((len(s) - 1 for s in request.stop), default=0)
             end = max(request.emitted, len(request.text) - hold)
-        delta = Delta(request.text[request.emitted : end], request.completion_tokens, request.finish_reason)
+        delta = Delta(
+            request.text[request.emitted : end], request.completion_tokens, request.finish_reason, logprobs
+        )
         request.emitted = end
         return delta
 

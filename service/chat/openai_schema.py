@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from service.chat.sampling import SamplingExtras
 from service.errors import Unprocessable
 from service.http.strict import StrictModel
 
@@ -66,10 +67,6 @@ class StreamOptions(StrictModel):
 
 class CompletionRequest(Unsupported):
     UNSUPPORTED = {
-        "frequency_penalty": (None, 0, 0.0),
-        "presence_penalty": (None, 0, 0.0),
-        "logprobs": (None, False),
-        "top_logprobs": _NOTHING,
         "logit_bias": (None, {}),
         "response_format": (None, {"type": "text"}),
         "tools": (None, []),
@@ -101,10 +98,10 @@ class CompletionRequest(Unsupported):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: Any = None
     response_format: Any = None
     tools: Any = None
@@ -146,3 +143,15 @@ def refuse_unsupported(body: CompletionRequest) -> None:
             for j, part in enumerate(message.content):
                 if isinstance(part, ImagePart):
                     _refuse(part.image_url, f"messages.{i}.content.{j}.image_url.")
+
+
+def sampling_extras(body: CompletionRequest) -> SamplingExtras | None:
+    """The request's penalties and logprobs, or None when it asks for neither."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise Unprocessable("top_logprobs: needs logprobs: true")
+    extras = SamplingExtras(
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )
+    return extras if extras.penalised or extras.top_logprobs is not None else None

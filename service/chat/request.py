@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.chat.engine import GenRequest
+from service.chat.sampling import SamplingExtras
 from service.errors import BadRequest, InvalidImage
 from service.http.images import decode_base64_image
 
@@ -15,8 +16,8 @@ from service.http.images import decode_base64_image
 class ChatCall:
     """One chat request, whatever API it came through."""
 
-    conversation: list[dict[str, Any]]  # chat-template messages with one {"type": "image"} part
-    image: bytes
+    conversation: list[dict[str, Any]]  # chat-template messages, at most one {"type": "image"} part
+    image: bytes | None  # None: a text-only conversation
     adapter: str | None
     max_tokens: int | None
     temperature: float = 0.0
@@ -24,6 +25,7 @@ class ChatCall:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stream: bool = False
+    extras: SamplingExtras | None = None  # OpenAI penalties and logprobs
 
 
 @dataclass
@@ -47,8 +49,9 @@ def image_from_url(url: str, max_bytes: int) -> bytes:
     return decode_base64_image(url, max_bytes=max_bytes)
 
 
-def openai_conversation(messages: list[Any], max_bytes: int) -> tuple[list[dict[str, Any]], bytes]:
-    """OpenAI messages -> chat-template conversation and the one image's bytes."""
+def openai_conversation(messages: list[Any], max_bytes: int) -> tuple[list[dict[str, Any]], bytes | None]:
+    """OpenAI messages -> chat-template conversation and the image's bytes (None: text only,
+    which a LLaVA answers as its language model does)."""
     conversation: list[dict[str, Any]] = []
     images: list[bytes] = []
     for message in messages:
@@ -64,8 +67,9 @@ def openai_conversation(messages: list[Any], max_bytes: int) -> tuple[list[dict[
                     images.append(image_from_url(part.image_url.url, max_bytes))
                     parts.append({"type": "image"})
         conversation.append({"role": message.role, "content": parts})
-    check_one_image(len(images))
-    return conversation, images[0]
+    if len(images) > 1:
+        check_one_image(len(images))
+    return conversation, images[0] if images else None
 
 
 def check_one_image(count: int) -> None:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from service.chat import request as chat
 from service.chat.engine import GenRequest
-from service.chat.openai_schema import CompletionRequest, refuse_unsupported
+from service.chat.openai_schema import CompletionRequest, refuse_unsupported, sampling_extras
 from service.chat.service import ChatService
 from service.errors import ApiError, BadRequest, UnsupportedMediaType, error_body
 from service.http.bodies import validated, validated_json
@@ -253,10 +253,12 @@ async def chat_completions(request: Request, service: ChatDep, services: Service
             top_p=body.top_p,
             seed=body.seed,
             stop=stops(body.stop),
+            extras=sampling_extras(body),
         )
         services.refuse_backbone_name(call.adapter, "m2pt")
         generation, adapter = await service.start(call, place)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    wants_logprobs = bool(body.logprobs)
     created = int(time.time())
     model = body.model
 
@@ -276,7 +278,14 @@ async def chat_completions(request: Request, service: ChatDep, services: Service
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": model,
-                    "choices": [{"index": 0, "delta": piece, "finish_reason": delta.finish_reason}],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": piece,
+                            "finish_reason": delta.finish_reason,
+                            "logprobs": {"content": delta.logprobs} if wants_logprobs else None,
+                        }
+                    ],
                 }
             )
             if delta.finish_reason is not None and include_usage:
@@ -309,7 +318,7 @@ async def chat_completions(request: Request, service: ChatDep, services: Service
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
                     "finish_reason": finish,
-                    "logprobs": None,
+                    "logprobs": {"content": generation.logprobs} if wants_logprobs else None,
                 }
             ],
             "usage": chat.usage_of(generation).as_dict(),

@@ -78,7 +78,8 @@ class ChatService:
             prompt = await loop.run_in_executor(
                 self.decode_pool,
                 lambda: llava.prepare(
-                    decode_image(call.image, max_pixels=s.max_image_pixels), call.conversation
+                    None if call.image is None else decode_image(call.image, max_pixels=s.max_image_pixels),
+                    call.conversation,
                 ),
             )
             if prompt.length + max_tokens > llava.context_length:
@@ -94,6 +95,7 @@ class ChatService:
                 seed=call.seed,
                 stop=call.stop,
                 adapter=adapter,
+                extras=call.extras,
                 deadline=loop.time() + s.chat_timeout_s,
             )
             try:
