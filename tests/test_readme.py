@@ -132,7 +132,8 @@ def test_the_readme_examples_run(workdir: Path):
     env = {"PROMPTSWAP_ADMIN_TOKEN": token, "PROMPTSWAP_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", *args, "--llava-model", "./my-llava"]
-        + ["--llava-served-model-name", "llava-hf/llava-1.5-7b-hf"],
+        + ["--llava-served-model-name", "llava-hf/llava-1.5-7b-hf"]
+        + ["--clip-served-model-name", "openai/clip-vit-base-patch16"],  # the embeddings example's
         cwd=workdir,
         env={**os.environ, "PROMPTSWAP_ADAPTER_DIR": str(workdir / "store"), **env},
         stdout=subprocess.PIPE,
@@ -153,7 +154,9 @@ def test_the_readme_examples_run(workdir: Path):
 
         endpoints = shell(blocks["endpoints"][1], port, workdir, run_env)
         assert endpoints.returncode == 0, endpoints.stdout + endpoints.stderr
-        assert '"model":"my-local-clip"' in endpoints.stdout.replace(" ", "")  # the directory's name
+        assert '"model":"openai/clip-vit-base-patch16"' in endpoints.stdout.replace(
+            " ", ""
+        )  # its served name
         assert '"deleted":["pets@1"]' in endpoints.stdout.replace(" ", "")
 
         upload = blocks["upload"][1].replace(
