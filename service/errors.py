@@ -132,8 +132,32 @@ class DeviceFull(DomainError):
         self.retry_after_s = retry_after_s
 
 
+class StoreUnavailable(DomainError):
+    """The adapter store did not answer (down, unreachable, timed out): retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StoreLacks(DomainError):
+    """The configured store cannot do this (a permanent condition, not a retry)."""
+
+
+class StoreMisconfigured(DomainError):
+    """The adapter store refuses us for good (credentials, missing bucket)."""
+
+
 class AdapterCorruptedError(ApiError):
     status, code = 500, "adapter_corrupted"
+
+
+class StoreUnavailableError(Unavailable):
+    code = "adapter_store_unavailable"
+
+
+class StoreMisconfiguredError(ApiError):
+    status, code = 500, "adapter_store_misconfigured"
 
 
 def api_error(exc: DomainError) -> ApiError:
@@ -149,6 +173,12 @@ def api_error(exc: DomainError) -> ApiError:
         return Unavailable(message, retry_after_s=exc.retry_after_s)
     if isinstance(exc, AdapterCorrupted):
         return AdapterCorruptedError(message)
+    if isinstance(exc, StoreUnavailable):
+        return StoreUnavailableError(message, retry_after_s=exc.retry_after_s)
+    if isinstance(exc, StoreLacks):
+        return Conflict(message)
+    if isinstance(exc, StoreMisconfigured):
+        return StoreMisconfiguredError(message)
     return ApiError(message)
 
 

@@ -31,7 +31,7 @@ from service.http.admission import ArrivalGate, Lane
 from service.metrics import Metrics
 from service.registry.adapter_registry import AdapterRegistry
 from service.registry.placement import Placement, m2pt_placement, maple_placement
-from service.registry.store import AdapterStore
+from service.registry.store_protocol import open_store
 from service.scheduling.batcher import BatchQueue, BatchStats
 from service.settings import Settings
 
@@ -130,6 +130,8 @@ class Runtime:
     async def _load_models(self) -> Services:
         loop = asyncio.get_running_loop()
         s = self.settings
+        # First: refused credentials stop the start before a backbone loads for nothing.
+        store = await loop.run_in_executor(self.decode_pool, open_store, s)
         clip = llava = None
         if s.clip_model:
             started = time.perf_counter()
@@ -151,7 +153,7 @@ class Runtime:
         if llava is not None:
             placements["m2pt"] = m2pt_placement(llava)
         registry = AdapterRegistry(
-            AdapterStore(s.adapter_dir),
+            store,
             placements=placements,
             cache_bytes=s.adapter_cache_bytes,
             max_adapter_bytes=s.max_adapter_bytes,

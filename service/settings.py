@@ -211,6 +211,37 @@ class Settings(BaseSettings):
         'requests; the rest are counted under adapter="other".',
     )
 
+    # Where adapters live past one machine (appended: keep new fields at the end)
+    adapter_store: str | None = Field(
+        None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description="s3://BUCKET/PREFIX: keep adapters in an S3-compatible bucket instead of "
+        "--adapter-dir; endpoint and credentials from the AWS chain (AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_PROFILE, roles). Unset: the "
+        "directory store.",
+    )
+    store_refresh_s: float = Field(
+        2.0,
+        ge=0,
+        le=3600,
+        description="Bucket store: how long a listing is reused, so a version uploaded or deleted "
+        "through another replica is seen here within this many seconds (this replica's own at once).",
+    )
+    store_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Bucket store: connect and read timeout of each S3 request."
+    )
+    store_attempts: int = Field(
+        3, ge=1, le=10, description="Bucket store: tries per S3 request (with backoff) before a 503."
+    )
+    store_cache_bytes: int = Field(
+        256 * 2**20, ge=0, description="Bucket store: downloaded adapter bytes kept in memory (LRU)."
+    )
+
+    @field_validator("adapter_store", mode="before")
+    @classmethod
+    def _empty_store_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("api_keys_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:

@@ -25,7 +25,13 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"description": "models still loading or failed"}})
 async def readyz(runtime: RuntimeDep) -> Response:
     """Ready: models are loaded and requests are being served."""
-    if runtime.ready:
+    if runtime.services is not None:
+        # An unreachable adapter store does not take the replica out of the load balancer:
+        # zero-shot requests still serve, adapter requests answer 503 with the same reason.
+        store = runtime.services.registry.store
+        problem = await asyncio.get_running_loop().run_in_executor(runtime.decode_pool, store.health)
+        if problem is not None:
+            return JSONResponse({"status": "degraded", "adapter_store": problem})
         return JSONResponse({"status": "ready"})
     message = runtime.load_error or "models are loading"
     retry_after = str(runtime.settings.retry_after_unavailable_s)

@@ -8,7 +8,8 @@ pinned (never evicted mid-request), and a request keeps the version it acquired 
 when a newer one is uploaded meanwhile (hot swap). The device cache holds loaded
 versions under a byte budget with LRU eviction. A cold version is loaded once however
 many requests ask for it at the same moment (single flight). Versions are read from
-the store directory, so uploads made by other replicas sharing it are seen too.
+the store (a shared directory or a bucket), so uploads made by other replicas are seen
+too, within the store's ``refresh_s``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -34,7 +35,6 @@ from adapters.format import (
     check_name,
     encode_adapter,
     load_adapter,
-    read_adapter_file,
     validate_for_backbone,
 )
 from adapters.weights import WEIGHTS, WEIGHTS_FORCED, fingerprint_kind
@@ -42,7 +42,8 @@ from service.access import caller_may_see
 from service.errors import AdapterCorrupted, AdapterNotFound, DeviceFull, NoBackboneFor, WrongMethod
 from service.metrics import Metrics
 from service.registry.placement import Placement
-from service.registry.store import ALIAS_RE, DEFAULT, LATEST, AdapterStore, StoredVersion
+from service.registry.store import ALIAS_RE, DEFAULT, LATEST
+from service.registry.store_protocol import StoredVersion, VersionGone, VersionStore
 
 log = logging.getLogger("promptswap.registry")
 
@@ -58,7 +59,7 @@ class LoadedAdapter:
     manifest: Manifest
     folded: Any  # the method's folded tensors on the device (FoldedMaple, FoldedM2pt)
     nbytes: int
-    file_id: tuple[int, int, int]  # the stored file it came from (see StoredVersion)
+    file_id: Hashable  # the stored content it came from (see StoredVersion)
     extras: dict[str, Any] = field(default_factory=dict)  # precomputed per adapter (KV prefix)
     pins: int = 0  # requests holding it: never evicted while > 0
 
@@ -126,7 +127,7 @@ def parse_ref(ref: str) -> tuple[str, Selector]:
 class AdapterRegistry:
     def __init__(
         self,
-        store: AdapterStore,
+        store: VersionStore,
         *,
         placements: dict[str, Placement],
         cache_bytes: int,
@@ -145,9 +146,9 @@ class AdapterRegistry:
         self._retry_after_s = retry_after_s  # device out of memory, every adapter busy
         self._on_forget = on_forget  # called with "name@version" when a version is deleted
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order
-        self._flights: dict[tuple[str, tuple[int, int, int]], asyncio.Future[LoadedAdapter]] = {}
+        self._flights: dict[tuple[str, Hashable], asyncio.Future[LoadedAdapter]] = {}
         # Manifests by stored file: listings read each file once, not on every GET.
-        self._manifests: dict[tuple[int, int, int], Manifest] = {}
+        self._manifests: dict[Hashable, Manifest] = {}
         self.loads = 0  # completed loads from disk, for tests and metrics
         metrics.adapter_device_bytes.set_function(lambda: self.device_bytes)
         metrics.adapter_loaded.names = lambda: [a.name for a in list(self._loaded.values())]
@@ -225,9 +226,9 @@ class AdapterRegistry:
         started = time.perf_counter()
         try:
             adapter = await self._place_evicting(stored)
+        except VersionGone:  # deleted between resolving and reading it
+            raise _Vanished(stored.key) from None
         except AdapterError as exc:
-            if not stored.path.exists():  # deleted between resolving and reading it
-                raise _Vanished(stored.key) from None
             log.error("adapter %s in the store is unusable: %s", stored.key, exc)
             raise AdapterCorrupted(f"adapter {stored.key!r} in the store is unusable: {exc}") from None
         self.loads += 1
@@ -268,7 +269,8 @@ class AdapterRegistry:
 
     def _read_and_place(self, stored: StoredVersion) -> LoadedAdapter:
         """File -> verified tensors on the device (in the I/O thread pool)."""
-        parsed = read_adapter_file(stored.path, max_bytes=self.max_adapter_bytes)
+        data = self.store.read(stored, self.max_adapter_bytes)
+        parsed = load_adapter(data, max_bytes=self.max_adapter_bytes)  # checks the sha256
         placement = self._placement(parsed)
         validate_for_backbone(parsed, placement.fingerprint)
         self._remember_manifest(stored.file_id, parsed.manifest)
@@ -346,8 +348,9 @@ class AdapterRegistry:
         manifest = self._manifests.get(stored.file_id)
         if manifest is None:
             try:
-                manifest = read_adapter_file(stored.path, max_bytes=self.max_adapter_bytes).manifest
-            except AdapterError:
+                data = self.store.read(stored, self.max_adapter_bytes)
+                manifest = load_adapter(data, max_bytes=self.max_adapter_bytes).manifest
+            except (AdapterError, VersionGone):
                 return None
             self._remember_manifest(stored.file_id, manifest)
         return manifest
@@ -360,7 +363,7 @@ class AdapterRegistry:
             if self._on_forget is not None:
                 self._on_forget(stored.key)
 
-    def _remember_manifest(self, file_id: tuple[int, int, int], manifest: Manifest) -> None:
+    def _remember_manifest(self, file_id: Hashable, manifest: Manifest) -> None:
         if len(self._manifests) >= MANIFEST_CACHE_ENTRIES:  # files other replicas replaced
             self._manifests.clear()
         self._manifests[file_id] = manifest
@@ -397,10 +400,13 @@ class AdapterRegistry:
         try:
             manifest = self._manifests.get(shown.file_id)
             if manifest is None:
-                manifest = read_adapter_file(shown.path, max_bytes=self.max_adapter_bytes).manifest
+                data = self.store.read(shown, self.max_adapter_bytes)
+                manifest = load_adapter(data, max_bytes=self.max_adapter_bytes).manifest
                 self._remember_manifest(shown.file_id, manifest)
         except AdapterError as exc:
             described["error"] = str(exc)
+        except VersionGone:
+            described["error"] = f"{shown.key} was deleted while it was listed"
         else:
             described.update(
                 method=manifest.method,

@@ -20,7 +20,6 @@ alias points at is deleted.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
@@ -28,12 +27,21 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
+from adapters.errors import AdapterFormatError, AdapterTooLarge
 from adapters.format import check_name
+from service.registry.store_protocol import (
+    SUFFIX,
+    StoredVersion,
+    StoreFull,
+    VersionGone,
+    VersionTaken,
+    raise_if_full,
+)
 
-SUFFIX = ".safetensors"
+__all__ = ["AdapterStore", "StoredVersion", "StoreFull", "SUFFIX"]
+
 CLAIMED = ".claimed"
 ALIASES = ".aliases"
 LOCK = ".lock"
@@ -42,10 +50,6 @@ LATEST = "latest"  # reserved: always the highest version
 DEFAULT = "default"  # when set, what the plain name means
 STALE_TEMP_S = 3600.0  # a temp file this old belongs to a writer that died
 _VERSION_FILE = re.compile(r"([1-9][0-9]{0,8})\.safetensors")
-
-
-class StoreFull(OSError):
-    """The disk refused the write (ENOSPC / EDQUOT); the store is unchanged."""
 
 
 class VersionAliased(Exception):
@@ -73,35 +77,19 @@ def check_alias(alias: object) -> str:
     return alias
 
 
-@dataclass(frozen=True)
-class StoredVersion:
-    name: str
-    version: int
-    path: Path
-    size: int
-    mtime: float
-    file_id: tuple[int, int, int] = (0, 0, 0)  # inode, mtime ns, size: which file, not which name
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}@{self.version}"
-
-
-def _raise_if_full(exc: OSError) -> None:
-    """A full disk or quota becomes ``StoreFull`` (the API's 507)."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise StoreFull(exc.errno, "no space left for the adapter store") from exc
-
-
 def _stored(name: str, version: int, path: Path, st: os.stat_result) -> StoredVersion:
-    return StoredVersion(
-        name, version, path, st.st_size, st.st_mtime, (st.st_ino, st.st_mtime_ns, st.st_size)
-    )
+    file_id = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return StoredVersion(name, version, st.st_size, st.st_mtime, file_id, path)
 
 
 class AdapterStore:
+    """The directory store (the default); implements ``store_protocol.VersionStore``."""
+
+    refresh_s = 0.0  # listings read the directory itself: never stale
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.location = str(self.root)
         self.tmp = self.root / ".tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temps()
@@ -186,8 +174,57 @@ class AdapterStore:
                     except OSError:
                         pass
             if isinstance(exc, OSError):
-                _raise_if_full(exc)
+                raise_if_full(exc)
             raise
+
+    def put_exact(self, name: str, version: int, data: bytes) -> StoredVersion:
+        """Store ``data`` as exactly ``name@version`` (a store being copied here)."""
+        directory = self.root / check_name(name)
+        claims = directory / CLAIMED
+        claims.mkdir(parents=True, exist_ok=True)
+        claim = claims / str(version)
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise VersionTaken(f"{name}@{version}") from None
+        final = directory / f"{version}{SUFFIX}"
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        linked = False
+        try:
+            self._write_synced(tmp, data)
+            try:
+                os.link(tmp, final)
+            except FileExistsError:  # a version stored before claims existed
+                raise VersionTaken(f"{name}@{version}") from None
+            linked = True
+            self._fsync_dir(directory)
+            self._fsync_dir(claims)
+        except OSError as exc:
+            if linked:
+                final.unlink(missing_ok=True)  # not durable: take it back, the number stays spent
+            else:
+                claim.unlink(missing_ok=True)
+            raise_if_full(exc)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        return _stored(name, version, final, final.stat())
+
+    def read(self, stored: StoredVersion, max_bytes: int) -> bytes:
+        path = stored.path or self.root / stored.name / f"{stored.version}{SUFFIX}"
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > max_bytes:
+                    raise AdapterTooLarge(f"adapter file is {size} bytes, the limit is {max_bytes}")
+                return f.read(max_bytes + 1)  # bounded even if the file grew meanwhile
+        except FileNotFoundError:
+            raise VersionGone(stored.key) from None
+        except OSError as e:
+            raise AdapterFormatError(f"cannot read adapter file {str(path)!r}: {e.strerror or e}") from e
+
+    def health(self) -> str | None:
+        return None if self.root.is_dir() else f"the adapter directory {self.location} is gone"
 
     def delete(self, name: str, version: int | None = None) -> list[StoredVersion]:
         """Remove one version or all of ``name``; returns what was removed.
@@ -206,6 +243,7 @@ class AdapterStore:
             if held:
                 raise VersionAliased(name, held)
             for stored in doomed:
+                assert stored.path is not None  # listed by this store
                 stored.path.unlink(missing_ok=True)
             if doomed:
                 self._fsync_dir(directory)
@@ -248,7 +286,7 @@ class AdapterStore:
                 os.replace(tmp, path)  # atomic: readers see the old version or the new
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
-                _raise_if_full(exc)
+                raise_if_full(exc)
                 raise
             self._fsync_dir(path.parent)
             return previous
