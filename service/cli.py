@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from adapters import cli as adapters_cli
 from service.backbones.sources import SourceError, resolve
 from service.ray_options import RayOptions
+from service.registry import sync as store_sync
 from service.settings import Settings, SettingsError, load_settings
 
 
@@ -92,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_options(serve_ray)
     RayOptions.add_options(serve_ray.add_argument_group("Ray"))
     tools = commands.add_parser("adapters", help="create, import, inspect and validate adapters")
-    adapters_cli.register(tools.add_subparsers(dest="adapters_command", required=True))
+    tool_commands = tools.add_subparsers(dest="adapters_command", required=True)
+    adapters_cli.register(tool_commands)
+    store_sync.register(tool_commands)  # a service tool: it opens the service's stores
     return parser
 
 

@@ -21,6 +21,7 @@ class FaultProxy:
         self.mode: Mode = "pass"
         self.cut_after = 0
         self.cuts = 0  # connections reset by ``cut``
+        self.accepted = 0  # connections accepted since the last ``set``
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._open: list[socket.socket] = []
@@ -32,7 +33,7 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def set(self, mode: Mode, cut_after: int = 0) -> None:
-        self.mode, self.cut_after = mode, cut_after
+        self.mode, self.cut_after, self.accepted = mode, cut_after, 0
         if mode != "pass":
             self._drop_all()  # pooled keep-alive connections must not bypass the fault
 
@@ -57,6 +58,7 @@ class FaultProxy:
             except OSError:
                 return
             self._open.append(client)
+            self.accepted += 1
             if self.mode == "down":
                 client.close()
                 continue

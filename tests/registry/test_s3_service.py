@@ -123,6 +123,7 @@ async def test_a_wedged_store_times_out_with_bounded_retries_and_the_loop_keeps_
         assert zero_shot.status_code == 200
         answer = await upload_task
         assert answer.status_code == 503 and "did not answer" in answer.json()["error"]["message"]
+        assert proxy.accepted == 2  # --store-attempts: tried twice, then gave up
 
 
 async def test_wrong_credentials_stop_the_start_with_a_clear_error(s3_settings, monkeypatch):
