@@ -39,8 +39,9 @@ def open_any(location: str, timeout_s: float = 30.0) -> VersionStore:
     return AdapterStore(Path(location))
 
 
-def sync(src: VersionStore, dst: VersionStore, out: Any = sys.stdout) -> int:
+def sync(src: VersionStore, dst: VersionStore, out: Any = None) -> int:
     """Copy every version of ``src`` missing in ``dst``; 1 if any conflicts, else 0."""
+    out = out or sys.stdout
     copied = same = conflicts = 0
     for name in src.names():
         held = {v.version: v for v in dst.versions(name)}

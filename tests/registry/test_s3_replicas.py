@@ -136,6 +136,7 @@ def test_concurrent_uploads_through_both_replicas_get_distinct_versions(replicas
     assert len(set(shas.values())) == 8
 
 
+@pytest.mark.slow
 def test_refused_credentials_stop_promptswap_serve_with_a_clear_message(s3_server: S3Server, tiny_clip_dir):
     env = s3_server.env(AWS_SECRET_ACCESS_KEY="wrong-secret")
     port = free_ports(1)[0]
