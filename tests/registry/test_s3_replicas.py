@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.adapter_files import adapter_bytes
-from tests.conftest import encode, make_image
+from fixtures.adapters import adapter_bytes
+from fixtures.images import encode, make_image
 from tests.seaweedfs import S3Server, free_ports
 
 TOKEN = "replica-token"

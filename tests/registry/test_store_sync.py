@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fixtures.adapters import adapter_bytes
 from service.cli import main
 from service.registry.s3_store import S3Store
 from service.registry.store import AdapterStore
-from tests.adapter_files import adapter_bytes
 
 
 def test_sync_copies_a_store_both_ways_keeping_versions(s3_url: str, tmp_path: Path, tiny_clip_dir, capsys):
