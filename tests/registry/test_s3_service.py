@@ -38,7 +38,6 @@ def objects(s3_server: S3Server, url: str) -> list[str]:
 async def test_upload_classify_list_delete_on_a_bucket_match_the_directory_store(
     s3_settings, make_settings, s3_url, s3_server, tmp_path
 ):
-
     data = adapter_bytes(make_settings().clip_model, "pets", seed=3)
     async with running_app(make_settings(admin_token=TOKEN, adapter_dir=tmp_path / "dir")) as (client, _):
         assert (await upload(client, data)).status_code == 201
@@ -67,7 +66,6 @@ async def test_upload_classify_list_delete_on_a_bucket_match_the_directory_store
 async def test_store_down_at_start_starts_serves_zero_shot_and_readyz_says_why(
     s3_settings, proxy, s3_server, s3_url
 ):
-
     proxy.set("down")
     settings = s3_settings(store_timeout_s=0.5, store_attempts=1, store_refresh_s=0.0)
     async with running_app(settings) as (client, _):
@@ -89,7 +87,6 @@ async def test_store_down_at_start_starts_serves_zero_shot_and_readyz_says_why(
 async def test_store_cut_during_an_upload_answers_503_and_stores_nothing_half(
     s3_settings, proxy, s3_server, s3_url
 ):
-
     settings = s3_settings(store_timeout_s=2, store_attempts=1)
     data = adapter_bytes(settings.clip_model, "pets", seed=3)
     async with running_app(settings) as (client, _):
@@ -107,7 +104,6 @@ async def test_store_cut_during_an_upload_answers_503_and_stores_nothing_half(
 
 
 async def test_a_wedged_store_times_out_with_bounded_retries_and_the_loop_keeps_answering(s3_settings, proxy):
-
     settings = s3_settings(store_timeout_s=0.5, store_attempts=2)
     async with running_app(settings) as (client, _):
         proxy.set("hang")
