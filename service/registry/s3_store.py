@@ -276,8 +276,8 @@ class S3Store:
         stored = StoredVersion(name, version, len(data), time.time(), (etag, len(data)))
         self.cache.put((stored.key, stored.file_id), data, digest)
         with self._lock:  # our own write is seen by this replica at once
-            if self._view is not None:
-                self._view.setdefault(name, {})[version] = stored
+            if self._view is not None:  # a new dict: readers iterate the old one unlocked
+                self._view = {**self._view, name: {**self._view.get(name, {}), version: stored}}
         return stored
 
     def _create(self, key: str, data: bytes) -> bool:
@@ -350,8 +350,12 @@ class S3Store:
         return view
 
     def _forget(self, name: str, version: int) -> None:
+        gone = None
         with self._lock:
-            gone = self._view.get(name, {}).pop(version, None) if self._view is not None else None
+            if self._view is not None and version in self._view.get(name, {}):
+                versions = dict(self._view[name])  # copied, as in _put_version
+                gone = versions.pop(version)
+                self._view = {**self._view, name: versions}
         if gone is not None:
             self.cache.discard((gone.key, gone.file_id))
 
