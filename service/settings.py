@@ -19,10 +19,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "PROMPTSWAP_"
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 # PROMPTSWAP_* names that are not settings: compose's published ports (read by
-# docker-compose.yml on the host) and the tests' switch for cluster tools.
+# docker-compose.yml on the host), the tests' switch for cluster tools, and the test suite's
+# own PROMPTSWAP_TEST_* variables (artifact folder, device).
 NOT_SETTINGS = frozenset(
     {"PROMPTSWAP_HTTP_PORT", "PROMPTSWAP_PROMETHEUS_PORT", "PROMPTSWAP_REQUIRE_CLUSTER_TOOLS"}
 )
+TEST_PREFIX = "PROMPTSWAP_TEST_"
 
 
 def default_adapter_dir() -> Path:
@@ -317,7 +319,11 @@ def unknown_environment(environ: Mapping[str, str]) -> list[str]:
     known = {ENV_PREFIX + field.upper() for field in Settings.model_fields}
     messages = []
     for name in sorted(environ):
-        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known | NOT_SETTINGS:
+        if (
+            name.upper().startswith(ENV_PREFIX)
+            and name.upper() not in known | NOT_SETTINGS
+            and not name.upper().startswith(TEST_PREFIX)
+        ):
             close = closest_setting(name)
             hint = f"did you mean {close}?" if close else "see promptswap serve --help"
             messages.append(f"unknown setting {name} in the environment; {hint}")

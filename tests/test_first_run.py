@@ -17,7 +17,7 @@ import pytest
 
 from fixtures.images import encode, make_image
 from service import cli
-from service.settings import DEFAULT_CLIP, load_settings
+from service.settings import DEFAULT_CLIP, load_settings, unknown_environment
 from tests.conftest import running_app
 from tests.llava_fixtures import save_tiny_llava
 from tests.test_cli import free_port, serve, wait_ready
@@ -62,6 +62,13 @@ def test_unknown_or_bad_environment_settings_stop_the_start(monkeypatch, capsys)
     monkeypatch.delenv("PROMPTSWAP_MAX_BATCH_SIZE")
     assert cli.main(["serve", "--clip-model", "", "--max-queue", "0"]) == 2
     assert "--max-queue 0: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_the_test_suites_own_variables_are_not_settings():
+    # CI exports PROMPTSWAP_TEST_ARTIFACTS and PROMPTSWAP_REQUIRE_CLUSTER_TOOLS beside real settings.
+    env = {"PROMPTSWAP_TEST_ARTIFACTS": "/tmp/a", "PROMPTSWAP_REQUIRE_CLUSTER_TOOLS": "1"}
+    assert unknown_environment(env) == []
+    assert unknown_environment({**env, "PROMPTSWAP_TESTING": "1"}) != []
 
 
 async def test_the_start_up_report_shows_every_setting_and_hides_secrets(make_settings, caplog, tmp_path):

@@ -111,7 +111,7 @@ async def upload_adapter(
         form = await request.form(max_files=1, max_fields=4, max_part_size=4096)
     except HTTPException as exc:
         raise BadRequest(f"malformed multipart body: {exc.detail}") from None
-    check_form(form, ("file", "name"))
+    check_form(form, ("file", "name", "force"))
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise Unprocessable("file: a file field named 'file' is required")
