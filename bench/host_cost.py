@@ -11,6 +11,9 @@ time (all its threads, from /proc) over the measured requests, divided by their 
 
 Writes its section of bench/RESULTS.md (between the host-cost markers) and
 bench/out/host_cost.json.
+
+One file (about 400 lines) so that one command starts every system, loads them side by side
+and writes the table: the systems differ only in what they start.
 """
 
 from __future__ import annotations

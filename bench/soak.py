@@ -20,6 +20,9 @@ matches no content the key could have had while the request was in flight, and a
 *wrong* only if the adapter certainly existed the whole time the request was in flight.
 Lost = transport errors, timeouts and 5xx. The server's RSS is sampled from
 /proc/<pid>/status every few seconds. Prints a markdown summary.
+
+Long (over 400 lines) because the wrong-answer check needs a model of every adapter's life
+(when each content could have been served) beside the load that changes it.
 """
 
 from __future__ import annotations

