@@ -2,7 +2,8 @@
 
 ``s3://BUCKET/PREFIX`` holds ``PREFIX/<name>/<version>.safetensors`` (the directory
 store's layout, so ``promptswap adapters sync`` copies one into the other) and
-``PREFIX/<name>/.claimed/<version>``: empty objects that reserve numbers.
+``PREFIX/<name>/.claimed/<version>``: empty objects that reserve numbers, and
+``PREFIX/<name>/.aliases/<alias>``: one small object per alias holding its version as text.
 
 Promises (store_protocol) and how they are kept here:
 
@@ -20,13 +21,23 @@ Promises (store_protocol) and how they are kept here:
   ``refresh_s`` seconds, so requests cost no round trip; this process's own writes and
   deletes update the view at once. A listing that fails keeps the last view (the bound
   then stretches by the outage, during which no replica can write) and is retried at most
-  every ``refresh_s``; with no view yet, adapter lookups answer 503.
+  every ``refresh_s``; with no view yet, adapter lookups answer 503;
+- aliases: in the same view (an alias object is read again only when its ETag changed);
+  setting one is one unconditional PUT (atomic: readers see the old version or the new).
+  Setting checks the version against a fresh listing of the name, and ``delete`` refuses
+  (``VersionAliased``) after a fresh listing and read of the name's aliases. Within one
+  process both hold one lock; across replicas a bucket has no lock, so a set racing a
+  delete of the same version on another replica can leave an alias naming a deleted
+  version (it then answers 404 until moved): move aliases before deleting.
 
 Credentials and endpoint come from the AWS chain as every AWS tool reads them
 (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity,
 instance roles), region from AWS_REGION. boto3 because it *is* that chain, plus bounded
 retries and connect/read timeouts in one Config; the store is synchronous by contract (it
 runs in the registry's I/O threads), so an async client would buy nothing.
+
+One module (over 400 lines) because every method leans on one view and one failure
+mapping: split, the promises above would be kept in two places.
 """
 
 from __future__ import annotations
@@ -46,8 +57,8 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 
 from adapters.errors import AdapterChecksumError, AdapterError, AdapterTooLarge
 from adapters.format import check_name
-from service.errors import StoreLacks
 from service.registry.byte_cache import ByteCache
+from service.registry.store import ALIAS_RE, ALIASES, NoSuchVersion, VersionAliased, check_alias
 from service.registry.store_protocol import (
     SUFFIX,
     StoredVersion,
@@ -75,6 +86,16 @@ _AUTH_CODES = {
 }
 
 View = dict[str, dict[int, StoredVersion]]
+Aliases = dict[str, dict[str, int]]  # name -> alias -> version
+
+
+class Listing:
+    """One listing of a prefix: versions, the highest claim and the alias objects' ETags."""
+
+    def __init__(self) -> None:
+        self.versions: View = {}
+        self.claimed: dict[str, int] = {}
+        self.alias_etags: dict[str, dict[str, str]] = {}
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -122,6 +143,9 @@ class S3Store:
         self._retry_after_s = retry_after_s
         self._lock = threading.Lock()  # one listing at a time; guards the view
         self._view: View | None = None
+        self._aliases: Aliases = {}  # replaced with the view, never mutated
+        self._alias_reads: dict[str, tuple[str, int | None]] = {}  # key -> (ETag, version)
+        self._changing = threading.Lock()  # alias changes and deletes in this process
         self._view_at = float("-inf")
         self._error: str | None = None
         self._failed_at = float("-inf")
@@ -185,27 +209,92 @@ class S3Store:
             self._refresh_locked()
 
     # ------------------------------------------------------------------ aliases
-    # Not kept in a bucket yet: a plain name means its latest version, and setting an
-    # alias is refused (409) instead of being half-supported.
 
     def aliases(self, name: str) -> dict[str, int]:
-        return {}
+        check_name(name)
+        self._current()
+        return dict(sorted(self._aliases.get(name, {}).items()))
 
     def alias(self, name: str, alias: str) -> int | None:
-        return None
+        check_name(name)
+        check_alias(alias)
+        self._current()
+        return self._aliases.get(name, {}).get(alias)
 
     def set_alias(self, name: str, alias: str, version: int) -> int | None:
-        raise StoreLacks(f"aliases are not supported by the bucket store ({self.location}) yet")
+        """Point ``alias`` at ``version``; returns what it pointed at before. Raises
+        ``NoSuchVersion`` when a fresh listing of the name does not hold that version."""
+        check_name(name)
+        check_alias(alias)
+        with self._changing:
+            listing = self._list(f"{self.prefix}{name}/")
+            if version not in listing.versions.get(name, {}):
+                raise NoSuchVersion(f"{name}@{version}")
+            previous = self._read_aliases(listing).get(name, {}).get(alias)
+            key = self._alias_key(name, alias)
+            try:
+                answer = self.client.put_object(
+                    Bucket=self.bucket, Key=key, Body=f"{version}\n".encode(), ContentType="text/plain"
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise self._failure(exc, f"setting {name}@{alias}") from None
+            self._alias_reads[key] = (answer["ETag"], version)
+            self._set_own_alias(name, alias, version)
+            return previous
 
     def delete_alias(self, name: str, alias: str) -> int | None:
-        return None
+        check_name(name)
+        check_alias(alias)
+        with self._changing:
+            key = self._alias_key(name, alias)
+            previous = self._get_alias(key)
+            if previous is not None:
+                try:
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
+                except (ClientError, BotoCoreError) as exc:
+                    raise self._failure(exc, f"removing {name}@{alias}") from None
+            self._set_own_alias(name, alias, None)
+            return previous
+
+    def _set_own_alias(self, name: str, alias: str, version: int | None) -> None:
+        with self._lock:  # seen by this replica at once; a new dict, as for versions
+            mine = {a: v for a, v in self._aliases.get(name, {}).items() if a != alias}
+            if version is not None:
+                mine[alias] = version
+            self._aliases = {**self._aliases, name: mine}
+
+    def _read_aliases(self, listing: Listing) -> Aliases:
+        """The versions the listed alias objects hold (read again only when changed)."""
+        found: Aliases = {}
+        for name, etags in listing.alias_etags.items():
+            for alias, etag in etags.items():
+                key = self._alias_key(name, alias)
+                known = self._alias_reads.get(key)
+                version = known[1] if known is not None and known[0] == etag else self._get_alias(key)
+                self._alias_reads[key] = (etag, version)
+                if version is not None:
+                    found.setdefault(name, {})[alias] = version
+        return found
+
+    def _get_alias(self, key: str) -> int | None:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+            with answer["Body"] as body:
+                text = body.read(64).decode("ascii", "replace").strip()
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise self._failure(exc, f"reading {key}") from None
+        except BotoCoreError as exc:
+            raise self._failure(exc, f"reading {key}") from None
+        return int(text) if _VERSION_FILE.fullmatch(f"{text}{SUFFIX}") else None
 
     # ------------------------------------------------------------------ writing
 
     def put(self, name: str, encode: Callable[[int], bytes]) -> StoredVersion:
         check_name(name)
-        versions, claimed = self._list(f"{self.prefix}{name}/")
-        version = max([0, claimed.get(name, 0), *versions.get(name, {})]) + 1
+        listing = self._list(f"{self.prefix}{name}/")
+        version = max([0, listing.claimed.get(name, 0), *listing.versions.get(name, {})]) + 1
         for _ in range(CLAIM_ATTEMPTS):
             if not self._create(self._claim_key(name, version), b""):
                 version += 1  # another writer claimed it first
@@ -233,15 +322,22 @@ class S3Store:
         return stored
 
     def delete(self, name: str, version: int | None = None) -> list[StoredVersion]:
-        versions, _ = self._list(f"{self.prefix}{check_name(name)}/")
-        doomed = [v for n, v in sorted(versions.get(name, {}).items()) if version in (None, n)]
-        for stored in doomed:
-            try:
-                self.client.delete_object(Bucket=self.bucket, Key=self._key(name, stored.version))
-            except (ClientError, BotoCoreError) as exc:
-                raise self._failure(exc, f"deleting {stored.key}") from None
-            self._forget(name, stored.version)
-        return doomed  # the claims stay: a deleted number is never given again
+        """Remove one version or all of ``name``. Raises ``VersionAliased`` (deleting
+        nothing) when an alias, read fresh from the bucket, points at one of them."""
+        with self._changing:
+            listing = self._list(f"{self.prefix}{check_name(name)}/")
+            doomed = [v for n, v in sorted(listing.versions.get(name, {}).items()) if version in (None, n)]
+            gone = {v.version for v in doomed}
+            held = {a: v for a, v in self._read_aliases(listing).get(name, {}).items() if v in gone}
+            if held:
+                raise VersionAliased(name, held)
+            for stored in doomed:
+                try:
+                    self.client.delete_object(Bucket=self.bucket, Key=self._key(name, stored.version))
+                except (ClientError, BotoCoreError) as exc:
+                    raise self._failure(exc, f"deleting {stored.key}") from None
+                self._forget(name, stored.version)
+            return doomed  # the claims stay: a deleted number is never given again
 
     def _put_version(self, name: str, version: int, data: bytes) -> StoredVersion | None:
         """Create the version's object; None when one is there already (not ours)."""
@@ -338,7 +434,8 @@ class S3Store:
     def _refresh_locked(self) -> View:
         started = self._clock()
         try:
-            view, _ = self._list(self.prefix)
+            listing = self._list(self.prefix)
+            aliases = self._read_aliases(listing)
         except (StoreUnavailable, StoreMisconfigured) as exc:
             if self._error is None:
                 log.warning("adapter store %s: %s", self.location, exc)
@@ -346,8 +443,10 @@ class S3Store:
             raise
         if self._error is not None:
             log.info("adapter store %s answers again", self.location)
-        self._view, self._view_at, self._error = view, started, None
-        return view
+        listed = {self._alias_key(n, a) for n, found in listing.alias_etags.items() for a in found}
+        self._alias_reads = {k: v for k, v in self._alias_reads.items() if k in listed}
+        self._view, self._aliases, self._view_at, self._error = listing.versions, aliases, started, None
+        return listing.versions
 
     def _forget(self, name: str, version: int) -> None:
         gone = None
@@ -359,23 +458,22 @@ class S3Store:
         if gone is not None:
             self.cache.discard((gone.key, gone.file_id))
 
-    def _list(self, prefix: str) -> tuple[View, dict[str, int]]:
-        """Versions and the highest claim of each name under ``prefix`` (one paginated listing)."""
-        versions: View = {}
-        claimed: dict[str, int] = {}
+    def _list(self, prefix: str) -> Listing:
+        """Everything of each name under ``prefix`` (one paginated listing)."""
+        listing = Listing()
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=prefix
             ):
                 for obj in page.get("Contents", ()):
-                    self._add(obj, versions, claimed)
+                    self._add(obj, listing)
         except ClientError as exc:
             raise self._failure(exc, "listing") from None
         except BotoCoreError as exc:
             raise self._failure(exc, "listing") from None
-        return versions, claimed
+        return listing
 
-    def _add(self, obj: dict[str, Any], versions: View, claimed: dict[str, int]) -> None:
+    def _add(self, obj: dict[str, Any], listing: Listing) -> None:
         parts = obj["Key"][len(self.prefix) :].split("/")
         try:
             name = check_name(parts[0])
@@ -383,11 +481,13 @@ class S3Store:
             return  # not ours: ignore
         if len(parts) == 2 and (match := _VERSION_FILE.fullmatch(parts[1])):
             version = int(match[1])
-            versions.setdefault(name, {})[version] = StoredVersion(
+            listing.versions.setdefault(name, {})[version] = StoredVersion(
                 name, version, obj["Size"], obj["LastModified"].timestamp(), (obj["ETag"], obj["Size"])
             )
         elif len(parts) == 3 and parts[1] == CLAIMED and _CLAIM.fullmatch(parts[2]):
-            claimed[name] = max(claimed.get(name, 0), int(parts[2]))
+            listing.claimed[name] = max(listing.claimed.get(name, 0), int(parts[2]))
+        elif len(parts) == 3 and parts[1] == ALIASES and ALIAS_RE.fullmatch(parts[2]):
+            listing.alias_etags.setdefault(name, {})[parts[2]] = obj["ETag"]
 
     # ------------------------------------------------------------------ helpers
 
@@ -396,6 +496,9 @@ class S3Store:
 
     def _claim_key(self, name: str, version: int) -> str:
         return f"{self.prefix}{name}/{CLAIMED}/{version}"
+
+    def _alias_key(self, name: str, alias: str) -> str:
+        return f"{self.prefix}{name}/{ALIASES}/{alias}"
 
     def _failure(self, exc: Exception, doing: str) -> Exception:
         """A client error as the store's error: permanent (misconfigured) or not (unavailable)."""

@@ -21,6 +21,13 @@ def admin_settings(make_settings):
     return lambda **kw: make_settings(admin_token=TOKEN, **kw)
 
 
+@pytest.fixture(params=["directory", "bucket"])
+def store_settings(request, make_settings):
+    """Admin settings on either store: aliases behave the same on a bucket (SeaweedFS)."""
+    store = {"adapter_store": request.getfixturevalue("s3_url")} if request.param == "bucket" else {}
+    return lambda **kw: make_settings(admin_token=TOKEN, **store, **kw)
+
+
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory):
     return save_tiny_llava(tmp_path_factory.mktemp("llava-aliases"))
@@ -38,8 +45,8 @@ async def used(client, ref: str) -> str:
     return response.json()["adapter"]
 
 
-async def test_aliases_promote_and_roll_back(admin_settings, tiny_clip_dir):
-    async with running_app(admin_settings()) as (client, _):
+async def test_aliases_promote_and_roll_back(store_settings, tiny_clip_dir):
+    async with running_app(store_settings()) as (client, _):
         for seed in (1, 2):
             assert (await upload(client, adapter_bytes(tiny_clip_dir, "pets", seed=seed))).status_code == 201
         assert await used(client, "pets") == "pets@2"  # no default: the plain name is latest
@@ -84,8 +91,8 @@ async def test_aliases_promote_and_roll_back(admin_settings, tiny_clip_dir):
         assert gone.status_code == 404
 
 
-async def test_alias_errors_are_clear(admin_settings, tiny_clip_dir):
-    async with running_app(admin_settings()) as (client, _):
+async def test_alias_errors_are_clear(store_settings, tiny_clip_dir):
+    async with running_app(store_settings()) as (client, _):
         assert (await upload(client, adapter_bytes(tiny_clip_dir, "pets"))).status_code == 201
         for bad in ("latest", "Prod", "1st", "a" * 33, "p.rod"):
             r = await put_alias(client, "pets", bad, 1)

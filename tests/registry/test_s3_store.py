@@ -11,6 +11,7 @@ from botocore.exceptions import ClientError
 
 from adapters.errors import AdapterChecksumError, AdapterTooLarge
 from service.registry.s3_store import S3Store, parse_s3_url
+from service.registry.store import NoSuchVersion, VersionAliased
 from service.registry.store_protocol import VersionGone, VersionTaken
 from tests.seaweedfs import S3Server
 
@@ -161,3 +162,54 @@ def test_a_version_deleted_after_listing_is_gone_on_read(s3_url: str):
     with pytest.raises(VersionGone):
         there.read(stored, 100)
     assert there.get("pets") is None  # the view forgot it at once
+
+
+def test_aliases_set_move_delete_one_object_each_seen_by_other_replicas_within_the_bound(
+    s3_url: str, s3_server: S3Server
+):
+    clock = Clock()
+    here, there = S3Store(s3_url, clock=clock), S3Store(s3_url, clock=clock)
+    put(here), put(here)
+    assert there.aliases("pets") == {} and there.alias("pets", "default") is None  # listed
+    assert here.set_alias("pets", "default", 1) is None
+    assert here.set_alias("pets", "prod", 2) is None
+    assert here.alias("pets", "default") == 1  # its own write: at once
+    bucket, prefix = parse_s3_url(s3_url)
+    body = s3_server.client().get_object(Bucket=bucket, Key=f"{prefix}pets/.aliases/default")["Body"]
+    assert body.read() == b"1\n"  # the directory store's layout and content
+    assert there.alias("pets", "default") is None  # within the bound: the old view
+    clock.now += 2.1
+    assert there.aliases("pets") == {"default": 1, "prod": 2}
+    reads = count_calls(there, "GetObject")
+    assert here.set_alias("pets", "default", 2) == 1  # moved: returns the previous version
+    clock.now += 2.1
+    assert there.aliases("pets") == {"default": 2, "prod": 2}
+    assert reads == ["GetObject"]  # only the changed alias object was read again
+    assert there.delete_alias("pets", "prod") == 2
+    assert there.alias("pets", "prod") is None  # its own delete: at once
+    assert there.delete_alias("pets", "prod") is None
+    clock.now += 2.1
+    assert here.aliases("pets") == {"default": 2}
+    with pytest.raises(NoSuchVersion):
+        here.set_alias("pets", "default", 7)
+    with pytest.raises(NoSuchVersion):
+        here.set_alias("nobody", "default", 1)
+    with pytest.raises(ValueError):
+        here.set_alias("pets", "latest", 1)
+    assert here.alias("pets", "default") == 2  # nothing changed by the refusals
+
+
+def test_delete_of_an_aliased_version_is_refused_on_a_fresh_read_of_the_aliases(s3_url: str):
+    clock = Clock()
+    here, there = S3Store(s3_url, clock=clock), S3Store(s3_url, clock=clock)
+    put(here), put(here)
+    assert there.aliases("pets") == {}  # there's view: no aliases, and it stays fresh below
+    here.set_alias("pets", "default", 1)
+    with pytest.raises(VersionAliased, match="default -> pets@1"):
+        there.delete("pets", 1)  # its view is stale, the delete reads the bucket
+    with pytest.raises(VersionAliased):
+        there.delete("pets")
+    assert [v.version for v in here.versions("pets")] == [1, 2]  # nothing was deleted
+    assert [v.version for v in there.delete("pets", 2)] == [2]
+    assert here.delete_alias("pets", "default") == 1
+    assert [v.version for v in there.delete("pets")] == [1]
