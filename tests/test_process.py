@@ -92,20 +92,26 @@ def test_real_server_keeps_its_secrets_and_drains_on_sigterm(tiny_clip_dir: Path
 
         # Secrets: refused and accepted calls on both kinds of credential.
         adapter = {"file": ("a.safetensors", adapter_bytes(tiny_clip_dir, "pets"))}
-        for wrong in ("wrong", TOKEN + "x", KEYS[0]):
+        # A wrong credential is 401; a valid API key without admin scope is 403 (scoped keys).
+        for wrong, status in (("wrong", 401), (TOKEN + "x", 401), (KEYS[0], 403)):
             r = httpx.post(
                 f"{url}/v1/admin/adapters", files=adapter, headers={"Authorization": f"Bearer {wrong}"}
             )
-            assert r.status_code == 401 and TOKEN not in r.text
+            assert r.status_code == status and TOKEN not in r.text, (wrong, r.text)
         admin = {"Authorization": f"Bearer {TOKEN}"}
         assert httpx.post(f"{url}/v1/admin/adapters", files=adapter, headers=admin).status_code == 201
         assert (
             httpx.post(f"{url}/v1/admin/adapters", files={"file": ("x", b"junk")}, headers=admin).status_code
             == 400
         )
-        for headers in ({}, {"X-API-Key": TOKEN}, {"Authorization": f"Bearer {KEYS[0]}x"}):
+        for headers in ({}, {"X-API-Key": TOKEN + "x"}, {"Authorization": f"Bearer {KEYS[0]}x"}):
             r = httpx.post(f"{url}/v1/classify", files=files, data={"labels": ["cat"]}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        # The admin token keeps every right, the public routes' included (scoped keys).
+        r = httpx.post(
+            f"{url}/v1/classify", files=files, data={"labels": ["cat"]}, headers={"X-API-Key": TOKEN}
+        )
+        assert r.status_code == 200, r.text
         r = httpx.post(
             f"{url}/v1/classify",
             files=files,
