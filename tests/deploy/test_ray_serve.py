@@ -396,6 +396,13 @@ def test_adapter_requests_stay_on_one_replica_and_headerless_spread(ray_cluster:
             assert home in serving or not serving, f"{name} is advertised by {serving}, not {home}"
             assert time.monotonic() < give_up, f"the controller never recorded {name} on {home}"
             time.sleep(0.05)  # polling an observable condition, bounded by give_up
+        # The controller pushes the record to the proxy's router asynchronously: once its
+        # answers come from home five times running, the router has it (bounded by give_up).
+        streak = 0
+        while streak < 5:
+            assert time.monotonic() < give_up, f"the router never sent {name} to {home}"
+            answered = classify(url, 0, adapter=name, header=name).headers[REPLICA_HEADER]
+            streak = streak + 1 if answered == home else 0
         homes[name] = Counter(
             classify(url, seed, adapter=name, header=name).headers[REPLICA_HEADER] for seed in range(12)
         )
