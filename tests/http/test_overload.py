@@ -8,9 +8,29 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import httpx
+
 from service.classify.handler import ClassifyHandler
 from tests.classify.test_errors import assert_error, form, still_serving
 from tests.conftest import encode, make_image, running_app
+
+
+def classify_scope(request: httpx.Request) -> dict:
+    """The ASGI scope of a raw POST /v1/classify carrying ``request``'s headers."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/classify",
+        "raw_path": b"/v1/classify",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "root_path": "",
+    }
 
 
 class Gate:
@@ -89,20 +109,7 @@ async def test_disconnected_client_is_dropped_from_the_queue(make_settings, monk
         async def send(message):
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/classify",
-            "raw_path": b"/v1/classify",
-            "query_string": b"",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
-            "client": ("127.0.0.1", 1),
-            "server": ("test", 80),
-            "root_path": "",
-        }
+        scope = classify_scope(request)
         call = asyncio.ensure_future(app(scope, receive, send))
         while app.state.runtime.services.classify.queue.depth < 1:
             await asyncio.sleep(0)
@@ -163,20 +170,7 @@ async def test_refusals_come_before_the_body_is_read(make_settings, monkeypatch)
         first = asyncio.ensure_future(client.post("/v1/classify", **form(image, ["cat"])))
         await gate.wait_entered()  # the model holds the first; the queue is empty
         request = client.build_request("POST", "http://test/v1/classify", **form(image, ["dog"]))
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/classify",
-            "raw_path": b"/v1/classify",
-            "query_string": b"",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
-            "client": ("127.0.0.1", 1),
-            "server": ("test", 80),
-            "root_path": "",
-        }
+        scope = classify_scope(request)
 
         def slow_upload(reads: list[int], body_arrives: asyncio.Event):
             async def receive():
