@@ -17,8 +17,7 @@ import time
 import torch
 from PIL import Image
 
-from .host_cost import tiny_model
-from .models import ensure_model
+from .models import ensure_model, ensure_tiny_clip
 from .payloads import LABELS_10, PHOTOS
 
 
@@ -76,7 +75,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="tiny", choices=["tiny", "B/32"])
     a = p.parse_args()
-    model = tiny_model() if a.arch == "tiny" else ensure_model("B/32")
+    model = ensure_tiny_clip() if a.arch == "tiny" else ensure_model("B/32")
     print(json.dumps(measure(str(model))))
 
 

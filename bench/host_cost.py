@@ -34,26 +34,12 @@ from pathlib import Path
 
 from . import servers
 from .loadgen import run_load
-from .models import MODELS_DIR, OUT, ensure_model
+from .models import OUT, ensure_model, ensure_tiny_clip
 from .payloads import LABELS_10, Body, photos
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- host-cost: begin (bench/host_cost.py) -->", "<!-- host-cost: end -->"
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-
-
-def tiny_model() -> Path:
-    directory = MODELS_DIR / "tiny-clip"
-    if not (directory / "model.safetensors").exists():
-        from fixtures.tiny_models import save_tiny_clip
-
-        tmp = directory.with_name("tiny-clip.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_tiny_clip(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    return directory
 
 
 def json_bodies() -> list[Body]:
@@ -398,14 +384,14 @@ def main() -> None:
     started = time.perf_counter()
     m = machine()
     load_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    rows = compare("tiny CLIP", tiny_model(), "float32", a.requests, a.rounds, a.clients, 32)
+    rows = compare("tiny CLIP", ensure_tiny_clip(), "float32", a.requests, a.rounds, a.clients, 32)
     ceilings = {}
     if a.b32:
         b32 = ensure_model("B/32")
         for dtype in ("float32", "bfloat16"):
             ceilings[f"B/32 {dtype}"] = ceiling(b32, dtype)
             rows += compare(f"B/32 {dtype}", b32, dtype, a.b32_requests, 1, a.clients, 16)
-    prof = profile(tiny_model(), a.requests, a.clients) if a.profile else None
+    prof = profile(ensure_tiny_clip(), a.requests, a.clients) if a.profile else None
     data = {
         "command": "python -m bench.host_cost " + " ".join(sys.argv[1:]),
         "cpu": m["CPU"],

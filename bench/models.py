@@ -80,6 +80,22 @@ def ensure_model(arch: str) -> Path:
     return directory
 
 
+def ensure_tiny_clip() -> Path:
+    """The tiny random CLIP of the tests (model cost negligible), saved once; later runs reuse it."""
+    directory = MODELS_DIR / "tiny-clip"
+    if (directory / "model.safetensors").exists():
+        return directory
+    from fixtures.tiny_models import save_tiny_clip
+
+    tmp = directory.with_name("tiny-clip.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tiny_clip(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
 if __name__ == "__main__":
     for name in ARCHS:
         print(name, ensure_model(name))

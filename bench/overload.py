@@ -24,7 +24,8 @@ from fixtures.images import encode, make_image
 
 from . import servers
 from .loadgen import check_loopback
-from .soak import rss_mb, rss_sampler, tiny_clip_dir
+from .models import ensure_tiny_clip
+from .soak import rss_mb, rss_sampler
 
 LABELS = ["cat", "dog", "boat"]
 
@@ -43,7 +44,7 @@ def server_time_s(response: httpx.Response | None) -> float | None:
 
 
 async def overload(args: argparse.Namespace) -> None:
-    clip_dir = tiny_clip_dir()
+    clip_dir = ensure_tiny_clip()
     port = servers.free_port()
     argv = servers.service_argv(
         clip_dir,

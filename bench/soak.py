@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import random
 import shutil
 import time
@@ -46,11 +45,10 @@ from transformers import AutoProcessor, CLIPConfig, CLIPModel
 from adapters.prompted_clip import encode_image, encode_text
 from fixtures.adapters import adapter_bytes, random_folded
 from fixtures.images import encode, make_image
-from fixtures.tiny_models import save_tiny_clip
 
 from . import servers
 from .loadgen import check_loopback
-from .models import OUT
+from .models import OUT, ensure_tiny_clip
 
 TOKEN = "soak-admin-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -63,18 +61,6 @@ LABEL_SETS = [
     ("a red car", "a blue bicycle", "an airplane", "a tree"),
 ]
 N_IMAGES = 4
-
-
-def tiny_clip_dir() -> Path:
-    directory = OUT / "tiny-clip"
-    if not (directory / "model.safetensors").exists():
-        tmp = directory.with_name("tiny-clip.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_tiny_clip(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    return directory
 
 
 def rss_mb(pid: int) -> float:
@@ -415,7 +401,7 @@ async def scrape_metric_totals(client: httpx.AsyncClient, url: str) -> dict[str,
 
 
 async def soak(args: argparse.Namespace) -> None:
-    clip_dir = tiny_clip_dir()
+    clip_dir = ensure_tiny_clip()
     ref = Reference(clip_dir)
     adapter_dir = OUT / "soak-adapters"
     shutil.rmtree(adapter_dir, ignore_errors=True)
