@@ -25,6 +25,7 @@ the same logits as the row alone. Llama-family language models (``layers``,
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import torch
 from transformers import DynamicCache, LlavaForConditionalGeneration
@@ -236,6 +237,7 @@ def decoder_forward(
     position_ids: torch.Tensor,  # (B, T)
     attention_mask: torch.Tensor,  # (B, K) over cache + input, or a prepared (B, 1, T, K) boolean mask
     cache: object | None,  # a transformers Cache, or any object with its ``update`` (the service's slots)
+    **attention_kwargs: Any,  # handed to every layer's attention function
 ) -> torch.Tensor:
     """The language model over input embeddings after a cache: final hidden states (B, T, D).
 
@@ -247,5 +249,6 @@ def decoder_forward(
         position_ids=position_ids,
         use_cache=cache is not None,
         **{CACHE_KW: cache},
+        **attention_kwargs,
     )
     return out.last_hidden_state

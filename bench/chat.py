@@ -16,6 +16,8 @@ the same count over generate(N) minus generate(1)); inter-token latency is the t
 between a stream's deltas. ``outside`` is the share of the engine's step time spent
 outside the model's forward. ``burst``: one running stream's p99 inter-token latency
 while ``--burst`` prompts of ``--burst-prompt`` tokens arrive, over its p99 without.
+``--m2pt N``: also the engine with every request on one M2PT adapter of ``N`` textual
+prompts (its KV prefix held once and read in place), the column ``m2pt tok/s``.
 """
 
 from __future__ import annotations
@@ -157,9 +159,20 @@ def make_engine(kind: str, llava: LlavaBackbone, clients: int, context: int, pre
     )
 
 
-async def run_engine(engine: Any, prompts: list[PreparedPrompt], max_tokens: int) -> list[list[float]]:
+def m2pt_adapter(llava: LlavaBackbone, n_text: int) -> Any:
+    """A random M2PT adapter placed as the registry places one (device tensors and KV prefix)."""
+    from fixtures.adapters import random_m2pt
+    from service.registry.placement import m2pt_placement
+
+    folded, _, extras = m2pt_placement(llava).place(random_m2pt(llava.model.config, 0, n_text=n_text))
+    return SimpleNamespace(folded=folded, extras=extras)
+
+
+async def run_engine(
+    engine: Any, prompts: list[PreparedPrompt], max_tokens: int, adapter: Any = None
+) -> list[list[float]]:
     engine.start()
-    requests = [GenRequest(prompt=p, max_tokens=max_tokens) for p in prompts]
+    requests = [GenRequest(prompt=p, max_tokens=max_tokens, adapter=adapter) for p in prompts]
     times: list[list[float]] = [[] for _ in requests]
     for r in requests:
         engine.submit(r)
@@ -168,7 +181,9 @@ async def run_engine(engine: Any, prompts: list[PreparedPrompt], max_tokens: int
     return times
 
 
-def engine_row(kind: str, llava: LlavaBackbone, clients: int, length: int, args: argparse.Namespace) -> dict:
+def engine_row(
+    kind: str, llava: LlavaBackbone, clients: int, length: int, args: argparse.Namespace, adapter: Any = None
+) -> dict:
     engine = make_engine(kind, llava, clients, args.context, args.max_prefill_tokens)
     forward = step = None
     if kind == "engine":
@@ -178,7 +193,7 @@ def engine_row(kind: str, llava: LlavaBackbone, clients: int, length: int, args:
         engine._step = step
     prompts = [prompt(length, seed, args.vocab) for seed in range(clients)]
     try:
-        times = asyncio.run(run_engine(engine, prompts, args.max_tokens))
+        times = asyncio.run(run_engine(engine, prompts, args.max_tokens, adapter))
     finally:
         if forward is not None:
             del llava.forward  # back to the class's method
@@ -264,6 +279,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--skip-legacy", action="store_true")
     parser.add_argument("--skip-ceiling", action="store_true")
+    parser.add_argument("--m2pt", type=int, default=0, help="also the engine on an M2PT adapter of N prompts")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -277,9 +293,12 @@ def main() -> None:
     )
     print(f"# width {args.width}, layers {args.layers}, vocab {args.vocab}, {args.dtype} on {args.device}")
     kinds = ["engine"] + ([] if args.skip_legacy else ["legacy"])
+    adapter = m2pt_adapter(llava, args.m2pt) if args.m2pt else None
     engine_row("engine", llava, 1, min(lengths), args)  # warm-up, not reported
     rows: list[dict] = []
     header = "| clients | prompt | engine tok/s | ITL p50/p99 ms | outside fwd | legacy tok/s | legacy ITL p50/p99 | ceiling tok/s | engine/legacy | engine/ceiling |"
+    if adapter is not None:
+        header += f" m2pt ({args.m2pt} prompts) tok/s | m2pt/engine |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for length in lengths:
@@ -289,6 +308,8 @@ def main() -> None:
                 row[kind] = engine_row(kind, llava, n, length, args)
             if not args.skip_ceiling:
                 row["ceiling"] = ceiling_row(llava, n, length, args)
+            if adapter is not None:
+                row["m2pt"] = engine_row("engine", llava, n, length, args, adapter)
             rows.append(row)
             e, leg, ceil = row["engine"], row.get("legacy", {}), row.get("ceiling", {})
             nan = float("nan")
@@ -296,7 +317,12 @@ def main() -> None:
                 f"| {n} | {length} | {e['tok_s']:.1f} | {e['itl_p50_ms']:.0f}/{e['itl_p99_ms']:.0f} | "
                 f"{100 * e['outside']:.1f}% | {leg.get('tok_s', nan):.1f} | "
                 f"{leg.get('itl_p50_ms', nan):.0f}/{leg.get('itl_p99_ms', nan):.0f} | {ceil.get('tok_s', nan):.1f} | "
-                f"{e['tok_s'] / leg.get('tok_s', nan):.2f}x | {e['tok_s'] / ceil.get('tok_s', nan):.2f}x |",
+                f"{e['tok_s'] / leg.get('tok_s', nan):.2f}x | {e['tok_s'] / ceil.get('tok_s', nan):.2f}x |"
+                + (
+                    ""
+                    if adapter is None
+                    else f" {row['m2pt']['tok_s']:.1f} | {row['m2pt']['tok_s'] / e['tok_s']:.2f}x |"
+                ),
                 flush=True,
             )
     if args.burst:

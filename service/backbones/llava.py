@@ -101,8 +101,12 @@ class LlavaBackbone:
         mask: torch.Tensor,  # (B, 1, T, K) boolean: which cached keys each input token sees
         cache: object,  # where keys/values are written and read (the engine's slots)
         last: torch.Tensor,  # (B,) the input index whose next-token logits each row wants
+        prefix_reads: object = None,  # the adapter prefixes rows attend over (service.chat.prefix_attention)
     ) -> torch.Tensor:
         """Next-token logits (B, V), float32."""
-        hidden = decoder_forward(self.model, embeds, positions.to(self.device), mask.to(self.device), cache)
+        extra = {} if prefix_reads is None else {"prefix_reads": prefix_reads}
+        hidden = decoder_forward(
+            self.model, embeds, positions.to(self.device), mask.to(self.device), cache, **extra
+        )
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.model.lm_head(hidden[rows, last.to(self.device)]).float()

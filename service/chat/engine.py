@@ -32,6 +32,7 @@ import torch
 from service.backbones.llava import LlavaBackbone, PreparedPrompt
 from service.chat.detokenize import Detokenizer
 from service.chat.kv_slots import KVSlots, SlotBatch, default_cache_bytes
+from service.chat.prefix_attention import PrefixReads, install
 from service.chat.sampling import SamplingExtras
 from service.scheduling.batcher import Closed, Expired, QueueFull
 
@@ -68,8 +69,9 @@ class GenRequest:
     # model-thread state
     slot: int | None = None
     embeds: torch.Tensor | None = None  # (L, D) while the prompt is being read, then None
-    prefilled: int = 0  # tokens in the slot (the adapter prefix counts)
+    prefilled: int = 0  # positions read so far, the adapter prefix's included
     position: int = 0  # where ``last_token`` goes: generate's cache_position for the next step
+    # a slot holds the request's own tokens: position p is at slot index p - prefix_tokens
     last_token: int = -1
     completion_tokens: int = 0  # every sampled token, the stop token included (as generate counts)
     generated: list[int] = field(default_factory=list)  # the answer's tokens, without the stop token
@@ -108,6 +110,7 @@ class GenerationEngine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         budget = default_cache_bytes(backbone.device) if kv_cache_bytes is None else kv_cache_bytes
+        install(backbone.model.config.text_config)  # adapter prefixes read in place, not copied
         self.kv = KVSlots(
             backbone.model.config.text_config,
             budget_bytes=budget,
@@ -156,13 +159,14 @@ class GenerationEngine:
         for request in [*self._waiting, *self._active]:
             request.events.put_nowait(Closed("shutting down"))
 
-    def check_fits(self, prefix_tokens: int, prompt_tokens: int, max_tokens: int) -> None:
-        """Raise NeverFits when a request needs more KV than one slot holds."""
-        need = prefix_tokens + prompt_tokens + max_tokens
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise NeverFits when a request needs more KV than one slot holds (an adapter's
+        prefix is held once by the adapter, not in the slot)."""
+        need = prompt_tokens + max_tokens
         if need > self.kv.slot_tokens:
             raise NeverFits(
-                f"the request needs {need} tokens of KV cache (adapter prefix {prefix_tokens} + prompt "
-                f"{prompt_tokens} + max_tokens {max_tokens}) but one request's slot holds {self.kv.slot_tokens} "
+                f"the request needs {need} tokens of KV cache (prompt {prompt_tokens} + max_tokens "
+                f"{max_tokens}) but one request's slot holds {self.kv.slot_tokens} "
                 f"(--kv-cache-bytes {self.kv_cache_bytes} at {self.kv.bytes_per_token} bytes per token); "
                 "lower max_tokens or shorten the prompt"
             )
@@ -171,7 +175,7 @@ class GenerationEngine:
         """Admit ``request`` or refuse it at once (NeverFits / QueueFull / Closed)."""
         if self._closed:
             raise Closed("not accepting requests")
-        self.check_fits(request.prefix_tokens, request.prompt_tokens, request.max_tokens)
+        self.check_fits(request.prompt_tokens, request.max_tokens)
         if len(self._waiting) >= self.max_queue:
             raise QueueFull(f"{self.max_queue} chat requests already waiting")
         self._waiting.append(request)
@@ -273,8 +277,6 @@ class GenerationEngine:
     def _begin(self, request: GenRequest) -> None:
         assert request.slot is not None
         request.embeds = self.backbone.prompt_embeds(request.prompt, request.adapter)
-        if request.adapter is not None:
-            self.kv.write_prefix(request.slot, request.adapter.extras["prefix"])
         request.prefilled = request.prefix_tokens
         request.detokenizer = Detokenizer(self.backbone.tokenizer)
         if request.seed is not None:
@@ -287,16 +289,27 @@ class GenerationEngine:
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         positions = torch.zeros(hi, 1, dtype=torch.long)
         write_slots = torch.full((hi, 1), kv.trash, dtype=torch.long)  # rows without a request: trash
+        write_positions = torch.zeros(hi, 1, dtype=torch.long)
+        adapters: list[Any] = [None] * hi
         for r in rows:
             assert r.slot is not None
             tokens[r.slot, 0] = r.last_token
             positions[r.slot, 0] = r.position
             write_slots[r.slot, 0] = r.slot
-        length = int(positions.max()) + 1
-        mask = torch.arange(length)[None, None, None, :] <= positions[:, None, :, None]  # (hi, 1, 1, K)
-        cache = SlotBatch(kv, write_slots.to(kv.device), positions.to(kv.device), None, length)
+            write_positions[r.slot, 0] = r.position - r.prefix_tokens
+            adapters[r.slot] = r.adapter
+        length = int(write_positions.max()) + 1
+        mask = torch.arange(length)[None, None, None, :] <= write_positions[:, None, :, None]  # (hi, 1, 1, K)
+        cache = SlotBatch(kv, write_slots.to(kv.device), write_positions.to(kv.device), None, length)
         embeds = self.backbone.token_embeds(tokens)
-        logits = self.backbone.forward(embeds, positions, mask, cache, torch.zeros(hi, dtype=torch.long))
+        logits = self.backbone.forward(
+            embeds,
+            positions,
+            mask,
+            cache,
+            torch.zeros(hi, dtype=torch.long),
+            PrefixReads.of(adapters, kv.device),
+        )
         return logits[torch.tensor([r.slot for r in rows])]
 
     def _prefill(self, chunks: list[tuple[GenRequest, int]]) -> torch.Tensor:
@@ -310,19 +323,22 @@ class GenerationEngine:
         positions = torch.zeros(len(chunks), width, dtype=torch.long)
         write_slots = torch.full((len(chunks), width), kv.trash, dtype=torch.long)
         write_positions = offsets.repeat(len(chunks), 1)  # padding: trash positions 0..T-1
+        own = torch.zeros(len(chunks), width, dtype=torch.long)  # slot indices of the inputs
         for row, (r, n) in enumerate(chunks):
             assert r.embeds is not None and r.slot is not None
             start = r.prefilled - r.prefix_tokens
             embeds[row, :n] = r.embeds[start : start + n]
             positions[row] = r.prefilled + offsets
+            own[row] = start + offsets
             write_slots[row, :n] = r.slot
-            write_positions[row, :n] = positions[row, :n]
-        length = max(r.prefilled + n for r, n in chunks)
-        mask = torch.arange(length)[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, K)
+            write_positions[row, :n] = own[row, :n]
+        length = max(r.prefilled - r.prefix_tokens + n for r, n in chunks)
+        mask = torch.arange(length)[None, None, None, :] <= own[:, None, :, None]  # (B, 1, T, K)
         read = torch.tensor([r.slot for r, _ in chunks], device=kv.device)
         cache = SlotBatch(kv, write_slots.to(kv.device), write_positions.to(kv.device), read, length)
         last = torch.tensor([n - 1 for _, n in chunks])
-        logits = self.backbone.forward(embeds, positions, mask, cache, last)
+        prefixes = PrefixReads.of([r.adapter for r, _ in chunks], kv.device)
+        logits = self.backbone.forward(embeds, positions, mask, cache, last, prefixes)
         for r, n in chunks:
             r.prefilled += n
         return logits
@@ -345,8 +361,12 @@ class GenerationEngine:
                 request.logprobs.extend(logprobs)
             request.generated.append(token)
             piece = request.detokenizer.add(token)
-            limit = min(self.backbone.context_length, self.kv.slot_tokens)
-            if len(request.generated) >= request.max_tokens or request.position >= limit:
+            full = request.position - request.prefix_tokens >= self.kv.slot_tokens
+            if (
+                len(request.generated) >= request.max_tokens
+                or full
+                or request.position >= self.backbone.context_length
+            ):
                 piece += request.detokenizer.flush()
                 request.finish_reason = "length"
             self._extend(request, piece)

@@ -94,13 +94,6 @@ class KVSlots:
     def release(self, slot: int) -> None:
         heapq.heappush(self._free, slot)
 
-    def write_prefix(self, slot: int, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """An adapter's KV prefix (per layer (1, heads, n, d)) into positions 0..n-1 of ``slot``."""
-        for layer, (k, v) in enumerate(prefix):
-            n = k.shape[2]
-            self.keys[layer][slot, :, :n] = k[0]
-            self.values[layer][slot, :, :n] = v[0]
-
 
 @dataclass
 class SlotBatch:

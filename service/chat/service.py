@@ -82,10 +82,12 @@ class ChatService:
                     call.conversation,
                 ),
             )
-            if prompt.length + max_tokens > llava.context_length:
+            prefix = 0 if adapter is None else int(adapter.extras["prefix"][0][0].shape[2])
+            if prefix + prompt.length + max_tokens > llava.context_length:
                 raise ContextTooLong(
-                    f"the prompt is {prompt.length} tokens and max_tokens {max_tokens}; the model's "
-                    f"context is {llava.context_length} tokens"
+                    f"the prompt is {prompt.length} tokens"
+                    + (f" after the adapter's {prefix} prompt tokens" if prefix else "")
+                    + f" and max_tokens {max_tokens}; the model's context is {llava.context_length} tokens"
                 )
             request = GenRequest(
                 prompt=prompt,
@@ -99,7 +101,7 @@ class ChatService:
                 deadline=loop.time() + s.chat_timeout_s,
             )
             try:
-                self.engine.check_fits(request.prefix_tokens, prompt.length, max_tokens)
+                self.engine.check_fits(prompt.length, max_tokens)
             except NeverFits as exc:
                 raise ContextTooLong(str(exc)) from None
             place.release()  # queued from here on: the engine's bound counts it
