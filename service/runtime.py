@@ -139,6 +139,8 @@ class Runtime:
                 self.model_executor, ClipBackbone.load, s.clip_model, s.device, s.dtype
             )
             clip.model_id = s.clip_served_model_name or default_served_name(s.clip_model)
+            if s.device_preprocess:
+                clip.use_device_preprocessing()
             log_model("clip", clip, s.clip_model, time.perf_counter() - started)
         if s.llava_model:
             started = time.perf_counter()

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         "model's input size: faster for large photos, but changes pixels and so logits slightly "
         "(README: reduced-size JPEG decode). Off: logits equal transformers'.",
     )
+    device_preprocess: bool = Field(
+        False,
+        description="Resize, crop and normalise images on the model's device (8-bit images handed over "
+        "in pinned memory on CUDA): less host CPU per image, but torch's resize is not Pillow's, so "
+        "logits change slightly (README: host cost). Off: logits equal transformers'.",
+    )
 
     chat_max_batch_size: int = Field(
         16, ge=1, le=1024, description="Chat requests decoded together (joining between steps)."
@@ -291,6 +297,14 @@ class Settings(BaseSettings):
         # The default CLIP only when nothing is named: --llava-model X alone serves chat only.
         if self.clip_model is None and not self.llava_model:
             self.clip_model = DEFAULT_CLIP
+        if self.clip_model is None:
+            for name in ("jpeg_draft", "device_preprocess"):
+                if getattr(self, name):
+                    flag = "--" + name.replace("_", "-")
+                    raise ValueError(
+                        f"{flag} changes how CLIP reads images (classify, embeddings), and this server "
+                        "loads no CLIP model: drop it or add --clip-model"
+                    )
         return self
 
     def describe(self, masked: bool = True) -> list[str]:

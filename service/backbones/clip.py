@@ -16,6 +16,7 @@ from transformers import CLIPModel
 
 from adapters.prompted_clip import encode_image, encode_text
 from service.backbones.clip_pixels import ExactClipPixels
+from service.backbones.device_pixels import DevicePixels
 from service.backbones.loading import BackboneLoadError, load_frozen
 
 
@@ -28,6 +29,8 @@ class ClipBackbone:
     dtype: torch.dtype
     # The processor's recipe written directly, when the checkpoint's is the standard one.
     exact_pixels: ExactClipPixels | None = field(default=None, repr=False)
+    # Opt-in: resize, crop and normalise on the device (``use_device_preprocessing``).
+    device_pixels: DevicePixels | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.exact_pixels is None:
@@ -57,11 +60,31 @@ class ClipBackbone:
         vision_config: Any = self.model.config.vision_config
         return int(side or vision_config.image_size)
 
+    def use_device_preprocessing(self) -> None:
+        """Resize, crop and normalise on the device from now on (not bit-identical; see
+        ``service.backbones.device_pixels``). Only for the standard CLIP recipe."""
+        if self.exact_pixels is None:
+            raise BackboneLoadError(
+                f"--device-preprocess needs the standard CLIP image processor, and {self.model_id!r} has "
+                "another one (the log says why); start without --device-preprocess"
+            )
+        self.device_pixels = DevicePixels(self.exact_pixels, self.device)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """(3, H, W) float32 pixels on the CPU, exactly as the checkpoint's processor makes them."""
+        """Decode thread: (3, H, W) float32 pixels on the CPU, exactly as the checkpoint's
+        processor makes them; with device preprocessing, the (H, W, 3) uint8 image instead
+        (``pixel_batch`` finishes it)."""
+        if self.device_pixels is not None:
+            return self.device_pixels.host(image)
         if self.exact_pixels is not None and self.exact_pixels.accepts(image):
             return self.exact_pixels(image)
         return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def pixel_batch(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """Model thread: ``preprocess`` outputs -> (B, 3, H, W) model input."""
+        if self.device_pixels is not None:
+            return self.device_pixels.batch(rows)
+        return torch.stack(rows)
 
     def token_lengths(self, prompts: list[str]) -> list[int]:
         return [len(ids) for ids in self.processor.tokenizer(prompts)["input_ids"]]

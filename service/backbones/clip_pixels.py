@@ -47,6 +47,7 @@ class ExactClipPixels:
         self.shortest_edge = shortest_edge
         self.crop_h, self.crop_w = crop
         self.resample = resample
+        self.rescale_factor, self.mean, self.std = rescale_factor, mean, std
         values = np.arange(256, dtype=np.uint8)
         rescaled = (values.astype(np.float64) * rescale_factor).astype(np.float32)  # (256,)
         mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)

@@ -44,7 +44,7 @@ class PromptAdapter(Protocol):
 
 @dataclass
 class ClassifyItem:
-    pixels: torch.Tensor  # (3, H, W) float32, CPU
+    pixels: torch.Tensor  # ClipBackbone.preprocess's: (3, H, W) float32 on the CPU, or the uint8 image
     labels: list[str]
     template: str
     adapter: PromptAdapter | None = None
@@ -186,7 +186,7 @@ class ClassifyHandler:
             groups[_prompt_shape(item.adapter)].append(i)
         out: list[torch.Tensor | None] = [None] * len(items)
         for shape, rows in groups.items():
-            pixels = torch.stack([items[i].pixels for i in rows])  # (B, 3, H, W)
+            pixels = self.backbone.pixel_batch([items[i].pixels for i in rows])  # (B, 3, H, W)
             prompts = None
             if shape is not None:
                 prompts = torch.stack([_prompts(items[i].adapter).vision for i in rows])

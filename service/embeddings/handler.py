@@ -23,7 +23,7 @@ PLAIN_TEMPLATE = "{}"  # no adapter: a text is embedded exactly as given
 class EmbedItem:
     """One input of one request: an image (``pixels``) or a text (``text`` in ``template``)."""
 
-    pixels: torch.Tensor | None = None  # (3, H, W) float32, CPU
+    pixels: torch.Tensor | None = None  # ClipBackbone.preprocess's output
     text: str | None = None
     template: str = PLAIN_TEMPLATE
     adapter: PromptAdapter | None = None

@@ -74,7 +74,10 @@ def build_rows(
         if value.lstrip().startswith(IMAGE_PREFIX):
             try:
                 data = decode_base64_image(value, max_bytes=s.max_body_bytes)
-                pixels = clip.preprocess(decode_image(data, max_pixels=s.max_image_pixels))
+                draft = clip.draft_min_side if s.jpeg_draft else None  # opt-in: changes pixels
+                pixels = clip.preprocess(
+                    decode_image(data, max_pixels=s.max_image_pixels, draft_min_side=draft)
+                )
             except ApiError as exc:
                 exc.message = f"input[{i}]: {exc.message}"
                 raise
