@@ -10,10 +10,13 @@
 
 A random LLaVA (Llama text model of the given width/depth/vocabulary, a small CLIP
 tower); prompts of the given lengths (16 image tokens + random words); no stop token,
-so every stream runs ``--max-tokens``. Decode tokens/s is the tokens after each
-stream's first over the time from the last first token to the last token (the ceiling:
-the same count over generate(N) minus generate(1)); inter-token latency is the time
-between a stream's deltas. ``outside`` is the share of the engine's step time spent
+so every stream runs its ``max_tokens``. Decode tokens/s is measured while every stream
+decodes: the tokens that arrive after the last stream's first token and up to the first
+stream's last, over that window. Streams start apart (the prompts are read
+``--max-prefill-tokens`` per step, the legacy engine one prompt per step), so each runs
+``--max-tokens`` plus that many steps, and the window holds ``--max-tokens`` steps at
+least. The ceiling: ``N x (--max-tokens - 1)`` over generate(N) minus generate(1).
+Inter-token latency is the time between a stream's deltas, prompt-reading steps included. ``outside`` is the share of the engine's step time spent
 outside the model's forward. ``burst``: one running stream's p99 inter-token latency
 while ``--burst`` prompts of ``--burst-prompt`` tokens arrive, over its p99 without.
 ``--m2pt N``: also the engine with every request on one M2PT adapter of ``N`` textual
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,12 +123,12 @@ async def stream(request: GenRequest, times: list[float]) -> None:
 
 
 def summary(all_times: list[list[float]]) -> dict[str, float]:
-    firsts = max(t[0] for t in all_times)
-    end = max(t[-1] for t in all_times)
-    tokens = sum(len(t) - 1 for t in all_times)
+    start = max(t[0] for t in all_times)  # every stream has its first token
+    end = min(t[-1] for t in all_times)  # and none has finished
+    tokens = sum(start < x <= end for t in all_times for x in t)
     gaps = [b - a for t in all_times for a, b in zip(t, t[1:], strict=False)]
     return {
-        "tok_s": tokens / (end - firsts) if end > firsts else float("nan"),
+        "tok_s": tokens / (end - start) if end > start else float("nan"),
         "itl_p50_ms": 1000 * pct(gaps, 0.5),
         "itl_p99_ms": 1000 * pct(gaps, 0.99),
     }
@@ -181,6 +185,11 @@ async def run_engine(
     return times
 
 
+def stream_tokens(clients: int, length: int, args: argparse.Namespace) -> int:
+    """``--max-tokens`` plus the steps over which the streams start (see the module docstring)."""
+    return args.max_tokens + max(math.ceil(clients * length / args.max_prefill_tokens), clients)
+
+
 def engine_row(
     kind: str, llava: LlavaBackbone, clients: int, length: int, args: argparse.Namespace, adapter: Any = None
 ) -> dict:
@@ -193,7 +202,7 @@ def engine_row(
         engine._step = step
     prompts = [prompt(length, seed, args.vocab) for seed in range(clients)]
     try:
-        times = asyncio.run(run_engine(engine, prompts, args.max_tokens, adapter))
+        times = asyncio.run(run_engine(engine, prompts, stream_tokens(clients, length, args), adapter))
     finally:
         if forward is not None:
             del llava.forward  # back to the class's method
@@ -223,8 +232,7 @@ def ceiling_row(llava: LlavaBackbone, clients: int, length: int, args: argparse.
         return time.perf_counter() - start
 
     generate(1)  # warm-up: the static cache's first allocation
-    # the best of a few runs each: one prefill-only run is short, and noise would swamp the difference
-    decode = min(generate(args.max_tokens) for _ in range(2)) - min(generate(1) for _ in range(3))
+    decode = generate(args.max_tokens) - generate(1)
     return {"tok_s": clients * (args.max_tokens - 1) / decode}
 
 
@@ -284,7 +292,8 @@ def main() -> None:
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     lengths = [int(p) for p in args.prompts.split(",")]
-    args.context = max([*lengths, args.burst_prompt]) + args.max_tokens + args.burst_stream_tokens + 8
+    longest = max(stream_tokens(max(clients), n, args) for n in lengths)
+    args.context = max([*lengths, args.burst_prompt]) + longest + args.burst_stream_tokens + 8
     llava = random_llava(
         args.width, args.layers, args.vocab, args.context, args.device, getattr(torch, args.dtype)
     )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one command (issue 15): chat and classify exactness tests on CUDA, then
 # the chat benchmark on llava-1.5-7b shapes (Llama width 4096, 32 layers, vocabulary 32064;
-# random weights, fp16, about 14 GB) at 1, 8 and 32 clients, printed as one table.
+# random weights, fp16, about 14 GB) at 1, 8 and 32 clients, with and without an M2PT adapter
+# (its KV prefix read in place, in half precision), printed as one table.
 #
 #   bench/gpu.sh                 # on a CUDA machine without network
 #   bench/gpu.sh --wheels DIR    # fastapi/uvicorn/httpx wheels to install offline when missing
@@ -39,18 +40,19 @@ fi
 if [ "$SMOKE" = 1 ]; then
   DEVICE=cpu; DTYPE=float32
   BENCH=(--width 256 --layers 2 --vocab 4000 --clients 1,2 --prompts 100,300 --max-tokens 8
-         --burst 2 --burst-prompt 300 --burst-stream-tokens 16)
+         --burst 2 --burst-prompt 300 --burst-stream-tokens 16 --m2pt 4)
 else
   python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: use --cpu-smoke'"
   DEVICE=cuda; DTYPE=float16
   BENCH=(--width 4096 --layers 32 --vocab 32064 --clients 1,8,32 --prompts 100,1000,2000 --max-tokens 64
-         --burst 8 --burst-prompt 2000 --burst-stream-tokens 128 --max-prefill-tokens 2048)
+         --burst 8 --burst-prompt 2000 --burst-stream-tokens 128 --m2pt 10)
 fi
 
 echo "== exactness tests on $DEVICE"
 set +e
 PROMPTSWAP_TEST_DEVICE=$DEVICE python -m pytest -q -p no:cacheprovider \
-  tests/chat/test_chat_exact.py tests/chat/test_chat_engine.py tests/classify/test_exact.py 2>&1 | tee "$OUT/tests.log"
+  tests/chat/test_chat_exact.py tests/chat/test_chat_engine.py tests/chat/test_shared_prefix.py \
+  tests/classify/test_exact.py tests/backbones/test_device_pixels.py 2>&1 | tee "$OUT/tests.log"
 TESTS=${PIPESTATUS[0]}
 set -e
 

@@ -108,26 +108,42 @@ def start_baseline(model: Path, dtype: str, torch_threads: int | None = None) ->
     return servers.start("baseline", [*argv, "--log-level", "warning"], env, port)
 
 
-def start_promptswap(model: Path, dtype: str, **options: object) -> servers.Server:
+def start_promptswap(
+    model: Path, dtype: str, env: dict[str, str] | None = None, **options: object
+) -> servers.Server:
     port = servers.free_port()
     store = OUT / "host-cost-adapters"
     shutil.rmtree(store, ignore_errors=True)
     argv = servers.service_argv(model, port, store, request_timeout_s=300, **options)
-    return servers.start("promptswap", argv, {"PROMPTSWAP_DTYPE": dtype}, port)
+    return servers.start("promptswap", argv, {"PROMPTSWAP_DTYPE": dtype, **(env or {})}, port)
 
 
-SYSTEMS = {
-    "baseline": start_baseline,
-    # The baseline given promptswap's thread default, so the comparison is not only about threads.
-    "baseline, torch threads cores - 1": lambda model, dtype: start_baseline(
-        model, dtype, max(1, (os.cpu_count() or 1) - 1)
-    ),
-    "promptswap": start_promptswap,  # default: torch intra-op threads = cores - 1
-    # The previous default (torch's own: every core), to show what the thread default buys.
-    "promptswap --torch-threads all cores": lambda model, dtype: start_promptswap(
-        model, dtype, torch_threads=os.cpu_count() or 1
-    ),
-}
+def _systems() -> dict:
+    from service.settings import default_torch_threads
+
+    cores = os.cpu_count() or 1
+    default = default_torch_threads(cores)
+    systems = {
+        "baseline": start_baseline,  # torch's own thread default: every core
+        # The baseline given one core fewer, so the comparison is not only about threads.
+        "baseline, torch threads cores - 1": lambda model, dtype: start_baseline(
+            model, dtype, max(1, cores - 1)
+        ),
+        "promptswap": start_promptswap,  # the default: see service.settings.default_torch_threads
+    }
+    for threads, name in ((max(1, cores - 1), "cores - 1"), (cores, "all cores")):
+        if threads != default:  # the other thread count, to show what the default buys or costs
+            systems[f"promptswap --torch-threads {name}"] = lambda model, dtype, t=threads: start_promptswap(
+                model, dtype, torch_threads=t
+            )
+    # Every core, with OpenMP's workers sleeping at once instead of spinning while they wait.
+    systems["promptswap --torch-threads all cores, OMP_WAIT_POLICY=PASSIVE"] = lambda model, dtype: (
+        start_promptswap(model, dtype, {"OMP_WAIT_POLICY": "PASSIVE"}, torch_threads=cores)
+    )
+    return systems
+
+
+SYSTEMS = _systems()
 
 
 def compare(label: str, model: Path, dtype: str, n: int, rounds: int, clients: int, warmup: int) -> list[Row]:

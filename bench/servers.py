@@ -84,8 +84,7 @@ def start(
 
 
 def service_argv(model: Path, port: int, adapter_dir: Path, **options: object) -> list[str]:
-    """The dtype goes in PROMPTSWAP_DTYPE: ``--dtype float32`` is refused by the CLI today
-    (its option-type guess reads the Literal's "float32" as a float option)."""
+    """``promptswap serve`` on the CPU; the caller sets the dtype (PROMPTSWAP_DTYPE)."""
     argv = [
         "-m",
         "service",

@@ -32,6 +32,18 @@ def default_adapter_dir() -> Path:
     return Path(data_home) / "promptswap" / "adapters"
 
 
+def default_torch_threads(cores: int) -> int:
+    """All cores but one from 8 cores on, else every core.
+
+    torch's OpenMP team spins while it waits, so a team member preempted by the decode
+    threads or the event loop stalls the batch: leaving a core to them pays when the model
+    is cheap. When the model is the cost it takes 1/cores of the compute away: little
+    from 8 cores, half of it on 2 (bench/RESULTS.md, host cost: on 2 cores one thread gave
+    the tiny CLIP 1.45x, and the B/32 encoder 0.53x in float32 and 0.71x in bfloat16).
+    """
+    return cores - 1 if cores >= 8 else cores
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
@@ -70,15 +82,13 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of a request from admission; past it: 504."
     )
-    # All cores but one: torch's OpenMP team spins while it waits, and a team member preempted
-    # by the decode threads or the event loop stalls the batch (bench/RESULTS.md, host cost).
     torch_threads: int | None = Field(
-        max(1, (os.cpu_count() or 1) - 1),
+        default_torch_threads(os.cpu_count() or 1),
         ge=1,
         le=256,
-        description="torch intra-op threads for the model; the default leaves one core to image "
-        "decoding and HTTP.",
-        json_schema_extra={"shown_default": "cores - 1"},
+        description="torch intra-op threads for the model; from 8 cores the default leaves one core "
+        "to image decoding and HTTP.",
+        json_schema_extra={"shown_default": "cores - 1 from 8 cores, else cores"},
     )
     decode_threads: int = Field(
         min(4, os.cpu_count() or 1),
