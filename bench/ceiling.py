@@ -1,7 +1,10 @@
 """The raw model ceiling: image-encoder forwards in-process, no HTTP, inputs preprocessed.
 
 ``python -m bench.ceiling --model DIR --dtype float32 --batch 32 --seconds 10`` prints
-one JSON line: images per second of ``CLIPModel.get_image_features`` at that batch.
+one JSON line: images per second of ``CLIPModel.get_image_features`` at that batch, and
+``end_to_end_images_per_s``: the in-process limit of a request path, each batch's JPEG
+decode and exact preprocessing (the service's ``ClipBackbone.preprocess``, one thread)
+followed by its forward.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, CLIPModel
+from transformers import AutoImageProcessor, AutoProcessor, CLIPModel
 
 from .payloads import photos
 
@@ -38,12 +41,31 @@ def measure(model_dir: str, dtype: str, batch: int, seconds: float, min_batches:
         times.append(time.perf_counter() - t0)
     total = sum(times)
     return {
+        "end_to_end_images_per_s": end_to_end(model_dir, model, batch, seconds),
         "images_per_s": batch * len(times) / total,
         "batch": batch,
         "batches": len(times),
         "batch_s_median": sorted(times)[len(times) // 2],
         "threads": torch.get_num_threads(),
     }
+
+
+@torch.inference_mode()
+def end_to_end(model_dir: str, model: CLIPModel, batch: int, seconds: float) -> float:
+    from service.backbones.clip import ClipBackbone
+    from service.http.images import decode_image
+
+    clip = ClipBackbone(
+        model_dir, model, AutoProcessor.from_pretrained(model_dir), torch.device("cpu"), model.dtype
+    )
+    jpegs = [data for _, data in photos()]
+    chosen = [jpegs[i % len(jpegs)] for i in range(batch)]
+    images, started = 0, time.perf_counter()
+    while images == 0 or time.perf_counter() - started < seconds:
+        pixels = torch.stack([clip.preprocess(decode_image(d, max_pixels=10**8)) for d in chosen])
+        model.get_image_features(pixel_values=pixels.to(model.dtype))
+        images += batch
+    return images / (time.perf_counter() - started)
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ decodes: the tokens that arrive after the last stream's first token and up to th
 stream's last, over that window. Streams start apart (the prompts are read
 ``--max-prefill-tokens`` per step, the legacy engine one prompt per step), so each runs
 ``--max-tokens`` plus that many steps, and the window holds ``--max-tokens`` steps at
-least. The ceiling: ``N x (--max-tokens - 1)`` over generate(N) minus generate(1).
+least. The ceiling: ``generate`` on N prompts at once, ``N x (--max-tokens - 1)`` tokens over
+the time from its first generated token to its last (a streamer clocks each step).
 Inter-token latency is the time between a stream's deltas, prompt-reading steps included. ``outside`` is the share of the engine's step time spent
 outside the model's forward. ``burst``: one running stream's p99 inter-token latency
 while ``--burst`` prompts of ``--burst-prompt`` tokens arrive, over its p99 without.
@@ -44,6 +45,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
 )
+from transformers.generation.streamers import BaseStreamer
 
 from bench.legacy_engine import LegacyBackbone, LegacyEngine
 from service.backbones.llava import LlavaBackbone, PreparedPrompt
@@ -212,27 +214,43 @@ def engine_row(
     return row
 
 
+class Clock(BaseStreamer):
+    """generate hands a streamer the prompt, then each step's tokens: the time of each."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 @torch.inference_mode()
+def generate_times(llava: LlavaBackbone, prompts: list[PreparedPrompt], n: int) -> list[float]:
+    """``generate`` on the prompts together, static cache: the time of each generated token."""
+    ids = torch.cat([p.input_ids for p in prompts]).to(llava.device)
+    pixels = torch.cat([p.pixel_values for p in prompts]).to(llava.device, llava.dtype)  # type: ignore[misc]
+    clock = Clock()
+    llava.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=pixels,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        cache_implementation="static",
+        streamer=clock,
+    )
+    return clock.times[1:]  # after the prompt
+
+
 def ceiling_row(llava: LlavaBackbone, clients: int, length: int, args: argparse.Namespace) -> dict:
     prompts = [prompt(length, seed, args.vocab) for seed in range(clients)]
-    ids = torch.cat([p.input_ids for p in prompts]).to(llava.device)
-    pixels = torch.cat([p.pixel_values for p in prompts]).to(llava.device, llava.dtype)
-
-    def generate(n: int) -> float:
-        start = time.perf_counter()
-        llava.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=pixels,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            cache_implementation="static",
-        )
-        return time.perf_counter() - start
-
-    generate(1)  # warm-up: the static cache's first allocation
-    decode = generate(args.max_tokens) - generate(1)
+    generate_times(llava, prompts, 2)  # warm-up: the static cache's first allocation
+    times = generate_times(llava, prompts, args.max_tokens)
+    decode = times[-1] - times[0]  # max_tokens - 1 decode steps after the first token
     return {"tok_s": clients * (args.max_tokens - 1) / decode}
 
 

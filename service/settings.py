@@ -39,7 +39,7 @@ def default_torch_threads(cores: int) -> int:
     threads or the event loop stalls the batch: leaving a core to them pays when the model
     is cheap. When the model is the cost it takes 1/cores of the compute away: little
     from 8 cores, half of it on 2 (bench/RESULTS.md, host cost: on 2 cores one thread gave
-    the tiny CLIP 1.45x, and the B/32 encoder 0.53x in float32 and 0.71x in bfloat16).
+    the tiny CLIP 1.27x, and the B/32 encoder 0.63x in float32 and 0.54x in bfloat16).
     """
     return cores - 1 if cores >= 8 else cores
 
