@@ -334,7 +334,12 @@ class GenerationEngine:
             write_positions[row, :n] = own[row, :n]
         length = max(r.prefilled - r.prefix_tokens + n for r, n in chunks)
         mask = torch.arange(length)[None, None, None, :] <= own[:, None, :, None]  # (B, 1, T, K)
-        read = torch.tensor([r.slot for r, _ in chunks], device=kv.device)
+        slots = [r.slot for r, _ in chunks]
+        lo = slots[0]
+        assert lo is not None
+        consecutive = slots == list(range(lo, lo + len(slots)))
+        # consecutive slots (one prompt, or prompts admitted together) are read as a view
+        read = slice(lo, lo + len(slots)) if consecutive else torch.tensor(slots, device=kv.device)
         cache = SlotBatch(kv, write_slots.to(kv.device), write_positions.to(kv.device), read, length)
         last = torch.tensor([n - 1 for _, n in chunks])
         prefixes = PrefixReads.of([r.adapter for r, _ in chunks], kv.device)

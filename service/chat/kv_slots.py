@@ -100,14 +100,15 @@ class SlotBatch:
     """One forward's view of the slots, passed to the model as its cache.
 
     ``write_slots``/``write_positions`` (B, T) say where each input token's key/value
-    goes; ``read_slots`` which slots the rows attend over (``None``: rows are slots
-    ``0..B-1``, a view; else gathered, for prefill rows only), up to ``read_length``.
+    goes; ``read_slots`` which slots the rows attend over, up to ``read_length``:
+    ``None`` (rows are slots ``0..B-1``) or a ``slice`` of consecutive slots read as a
+    view, or a tensor of slots gathered (prefill rows in scattered slots only).
     """
 
     store: KVSlots
     write_slots: torch.Tensor  # (B, T) long
     write_positions: torch.Tensor  # (B, T) long
-    read_slots: torch.Tensor | None
+    read_slots: torch.Tensor | slice | None
     read_length: int
 
     # the parts of transformers' Cache interface its decoder layers use
@@ -124,6 +125,10 @@ class SlotBatch:
         if self.read_slots is None:
             rows = key_states.shape[0]
             return keys[:rows, :, : self.read_length], values[:rows, :, : self.read_length]
+        if isinstance(self.read_slots, slice):
+            return keys[self.read_slots, :, : self.read_length], values[
+                self.read_slots, :, : self.read_length
+            ]
         return (
             keys.index_select(0, self.read_slots)[:, :, : self.read_length],
             values.index_select(0, self.read_slots)[:, :, : self.read_length],

@@ -50,6 +50,9 @@ async def test_decode_writes_in_place_and_reads_views(make_settings, position_ll
     async with running_app(make_settings(llava_model=str(position_llava_dir))) as (client, app):
         engine = app.state.runtime.services.chat.engine
         pointers = [t.data_ptr() for t in engine.kv.keys + engine.kv.values]
+        assert (await ask(client, 3, CASES[3][1], 4)).status_code == 200  # alone: one slot, read as a view
+        alone = [shares for tokens, shares in reads if tokens > 1]
+        assert alone and all(alone), "reading a prompt copied the cache"
         first = [(s, i, 12) for s, i in CASES[:4]]
         responses = await asyncio.gather(*(ask(client, *p) for p in first))
         assert all(r.status_code == 200 for r in responses)
