@@ -532,9 +532,12 @@ def test_a_killed_replica_fails_only_its_in_flight_requests(ray_cluster: RayClus
     # body, no replica header). A request the victim had not accepted yet, also one routed
     # to it after the kill, gets an ActorDiedError at hand-over and is routed again to a
     # live replica. So exactly the requests in flight on the victim when it died fail: at
-    # most one per client, none when it held none at that moment.
+    # most one per client, none when it held none at that moment. On a loaded machine the
+    # proxy has also left such a request unanswered until the client's timeout (seen once in
+    # CI): the same request, failing later.
     for started, ended, status, replica, body in failed:
-        assert (status, replica, body) == (500, None, "Internal Server Error")
+        timed_out = status == -1 and body.startswith("ReadTimeout")
+        assert (status, replica, body) == (500, None, "Internal Server Error") or timed_out, body
         assert started < dead_at and ended > killed_at
     assert len(failed) <= len(clients)
     after = [entry for entry in log if entry[0] > dead_at]
