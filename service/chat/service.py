@@ -82,13 +82,6 @@ class ChatService:
                     call.conversation,
                 ),
             )
-            prefix = 0 if adapter is None else int(adapter.extras["prefix"][0][0].shape[2])
-            if prefix + prompt.length + max_tokens > llava.context_length:
-                raise ContextTooLong(
-                    f"the prompt is {prompt.length} tokens"
-                    + (f" after the adapter's {prefix} prompt tokens" if prefix else "")
-                    + f" and max_tokens {max_tokens}; the model's context is {llava.context_length} tokens"
-                )
             request = GenRequest(
                 prompt=prompt,
                 max_tokens=max_tokens,
@@ -100,6 +93,13 @@ class ChatService:
                 extras=call.extras,
                 deadline=loop.time() + s.chat_timeout_s,
             )
+            prefix = request.prefix_tokens
+            if prefix + prompt.length + max_tokens > llava.context_length:
+                raise ContextTooLong(
+                    f"the prompt is {prompt.length} tokens"
+                    + (f" after the adapter's {prefix} prompt tokens" if prefix else "")
+                    + f" and max_tokens {max_tokens}; the model's context is {llava.context_length} tokens"
+                )
             try:
                 self.engine.check_fits(prompt.length, max_tokens)
             except NeverFits as exc:
