@@ -140,14 +140,19 @@ class Timed:
     """Sums the wall time of a callable (the engine's step, the model's forward)."""
 
     def __init__(self, fn: Any) -> None:
-        self.fn, self.total = fn, 0.0
+        self.fn = fn
+        self.calls: list[float] = []  # each call's seconds
+
+    @property
+    def total(self) -> float:
+        return sum(self.calls)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
             return self.fn(*args, **kwargs)
         finally:
-            self.total += time.perf_counter() - start
+            self.calls.append(time.perf_counter() - start)
 
 
 def make_engine(kind: str, llava: LlavaBackbone, clients: int, context: int, prefill: int) -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 
 import torch
 
@@ -23,24 +22,15 @@ from bench import chat as bc
 
 def engine_steps(llava, args: argparse.Namespace) -> list[float]:
     engine = bc.make_engine("engine", llava, args.clients, args.context, args.max_prefill_tokens)
-    durations: list[float] = []
-    step = engine._step
-
-    def timed(new, running):
-        started = time.perf_counter()
-        try:
-            return step(new, running)
-        finally:
-            durations.append(time.perf_counter() - started)
-
-    engine._step = timed  # type: ignore[method-assign]
+    step = bc.Timed(engine._step)
+    engine._step = step  # type: ignore[method-assign]
     prompts = [bc.prompt(args.prompt, seed, args.vocab) for seed in range(args.clients)]
     tokens = bc.stream_tokens(args.clients, args.prompt, args)
     asyncio.run(bc.run_engine(engine, prompts, tokens))
     shapes = list(engine.step_shapes)
     return [
         d
-        for d, (decoded, read, _) in zip(durations, shapes, strict=True)
+        for d, (decoded, read, _) in zip(step.calls, shapes, strict=True)
         if decoded == args.clients and not read
     ]
 

@@ -175,6 +175,7 @@ def ceiling(model: Path, dtype: str) -> dict:
             "32",
             "--seconds",
             "5",
+            "--end-to-end",
         ],
         cwd=servers.REPO,
         capture_output=True,
