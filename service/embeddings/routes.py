@@ -37,7 +37,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_embeddings(services: ServicesDep, runtime: RuntimeDep) -> EmbeddingsService:
+async def get_embeddings(services: ServicesDep, runtime: RuntimeDep) -> EmbeddingsService:
     if services.embeddings is None:
         raise NotServed(
             "this service runs no CLIP backbone, so it serves no embeddings; start it with --clip-model "

@@ -1,6 +1,9 @@
 """Dependencies shared by the routers: the runtime, and each capability's service once the
 models are loaded (503 while they load; 404 for a capability this replica does not run:
-that is permanent, and a balancer must not resend it)."""
+that is permanent, and a balancer must not resend it).
+
+Each is ``async def`` although none awaits: FastAPI runs a plain ``def`` dependency in a
+worker thread, a hop there and back per dependency per request for a few attribute reads."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from service.registry.adapter_registry import AdapterRegistry
 from service.runtime import Runtime, Services
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
         raise Unavailable(
@@ -27,7 +30,7 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_services(runtime: RuntimeDep) -> Services:
+async def get_services(runtime: RuntimeDep) -> Services:
     services = runtime.services
     if services is None:
         raise Unavailable(
@@ -40,7 +43,7 @@ def get_services(runtime: RuntimeDep) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_classify(services: ServicesDep, runtime: RuntimeDep) -> ClassifyService:
+async def get_classify(services: ServicesDep, runtime: RuntimeDep) -> ClassifyService:
     if services.classify is None:
         raise NotServed(
             "this service runs no CLIP backbone, so it serves no classify; start it with --clip-model "
@@ -49,7 +52,7 @@ def get_classify(services: ServicesDep, runtime: RuntimeDep) -> ClassifyService:
     return services.classify
 
 
-def get_chat(services: ServicesDep, runtime: RuntimeDep) -> ChatService:
+async def get_chat(services: ServicesDep, runtime: RuntimeDep) -> ChatService:
     if services.chat is None:
         raise NotServed(
             "this service runs no LLaVA backbone, so it serves no chat; start it with --llava-model "
@@ -58,7 +61,7 @@ def get_chat(services: ServicesDep, runtime: RuntimeDep) -> ChatService:
     return services.chat
 
 
-def get_registry(services: ServicesDep) -> AdapterRegistry:
+async def get_registry(services: ServicesDep) -> AdapterRegistry:
     return services.registry
 
 

@@ -33,7 +33,7 @@ from service.registry.store import NoSuchVersion, StoreFull, VersionAliased, che
 router = APIRouter()
 
 
-def require_admin(runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> Access:
+async def require_admin(runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> Access:
     """The admin token's full rights, or an API key's admin scopes (checked per adapter name
     by each route); 403 for a key without admin scopes, 401 for anything else."""
     token = runtime.settings.admin_token
