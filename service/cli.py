@@ -19,6 +19,7 @@ from pydantic import SecretStr
 
 from adapters import cli as adapters_cli
 from service.backbones.sources import SourceError, resolve
+from service.frontend.processes import FrontedServer, Frontends
 from service.ray_options import RayOptions
 from service.registry import sync as store_sync
 from service.settings import Settings, SettingsError, load_settings
@@ -138,17 +139,31 @@ def serve(overrides: dict[str, Any]) -> int:
         if server is not None:
             server.should_exit = True
 
+    frontends = Frontends(settings) if settings.frontends else None
     try:
-        app = create_app(settings, on_fatal=on_fatal)
+        app = create_app(settings, on_fatal=on_fatal, frontends=frontends)
     except ValueError as exc:  # e.g. an unreadable or empty --api-keys-file
+        if frontends is not None:
+            frontends.remove_socket()
         print(f"promptswap: {exc}", file=sys.stderr)
         return 2
     # One process per device: several workers would each hold a copy of the backbone.
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1
-    )
-    server = uvicorn.Server(config)
-    server.run()
+    if frontends is None:
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1
+        )
+        server = uvicorn.Server(config)
+        server.run()
+    else:
+        # The front ends log each request with its client; here every client is a front end.
+        config = uvicorn.Config(
+            app, uds=frontends.engine_socket, log_level=settings.log_level, workers=1, access_log=False
+        )
+        server = FrontedServer(config, frontends)
+        try:
+            server.run(sockets=[config.bind_socket()])  # bound now: front ends may connect early
+        finally:
+            frontends.remove_socket()
     if fatal:
         print(f"promptswap: start-up failed: {fatal[0]}", file=sys.stderr)
         return 1
@@ -161,6 +176,13 @@ def serve_ray(args: dict[str, Any]) -> int:
         settings = load_settings(args)  # the CLI over this process's environment, as `serve`
     except SettingsError as exc:
         print(f"promptswap: {exc}", file=sys.stderr)
+        return 2
+    if settings.frontends:
+        print(
+            "promptswap: --frontends is for `serve`; under Ray Serve its HTTP proxy and replicas "
+            "are the processes (scale with --num-replicas)",
+            file=sys.stderr,
+        )
         return 2
     try:
         options = ray_options.deployment_options(settings)

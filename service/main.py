@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -16,6 +17,8 @@ from service.chat import routes as chat_routes
 from service.classify import routes as classify_routes
 from service.embeddings import routes as embeddings_routes
 from service.errors import install_error_handlers
+from service.frontend.processes import Frontends
+from service.frontend.rows import ROWS_TYPE
 from service.http import ops
 from service.http.middleware import (
     ApiKeyMiddleware,
@@ -35,10 +38,16 @@ OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
 log = logging.getLogger("promptswap")
 
 
-def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+    frontends: Frontends | None = None,
+) -> FastAPI:
     """Build the app; models load when its lifespan starts, never at import time.
 
     ``on_fatal`` is called with a message when start-up fails (the CLI exits then).
+    ``frontends`` (``--frontends N``): this app is the model's process, behind front-end
+    processes started once it may serve (stopped first at shutdown); it takes their rows.
     """
     settings = settings or Settings()
     metrics = Metrics(adapter_labels=settings.metrics_adapter_labels)
@@ -54,8 +63,12 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
         try:
             if settings.wait_for_models:  # the port opens only once the models are ready
                 await runtime.wait_ready()
+            if frontends is not None:
+                frontends.start(on_fatal)
             yield
         finally:
+            if frontends is not None:
+                await asyncio.to_thread(frontends.stop)  # they drain through this process
             await runtime.stop()
 
     app = FastAPI(
@@ -67,6 +80,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.accept_rows = frontends is not None
     install_error_handlers(app)
     app.include_router(classify_routes.router)
     app.include_router(embeddings_routes.router)
@@ -81,6 +95,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
         max_bytes=settings.max_body_bytes,
         large_prefix="/v1/admin/",
         large_max_bytes=settings.max_adapter_bytes + 2**20,  # room for the multipart framing
+        exempt_type=ROWS_TYPE if frontends is not None else None,
     )
     if api_keys is not None:  # before the body is read; inside metrics, so 401s are counted
         # The playground page holds no secret: it asks for the caller's key and sends it itself.

@@ -294,6 +294,16 @@ class Settings(BaseSettings):
         "otherwise listen at once and answer /readyz 503 while they load.",
     )
 
+    # Past one process (appended: keep new fields at the end)
+    frontends: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Front-end processes that read, parse and decode classify requests in front of "
+        "the model's process (which then listens on a private Unix socket only); other routes pass "
+        "through them. 0: one process does everything (README: front-end processes).",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _no_unknown_environment(cls, data: Any) -> Any:
@@ -315,6 +325,16 @@ class Settings(BaseSettings):
                         f"{flag} changes how CLIP reads images (classify, embeddings), and this server "
                         "loads no CLIP model: drop it or add --clip-model"
                     )
+        if self.frontends and not self.clip_model:
+            raise ValueError(
+                "--frontends takes classify's image work off the model's process, and this server "
+                "loads no CLIP model: drop it or add --clip-model"
+            )
+        if self.frontends and self.device_preprocess:
+            raise ValueError(
+                "--frontends with --device-preprocess would send each whole decoded image between "
+                "processes; use one of them"
+            )
         return self
 
     def describe(self, masked: bool = True) -> list[str]:

@@ -8,6 +8,7 @@ which with no prompts computes exactly what transformers' CLIPModel computes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, cast
 
 import torch
@@ -15,7 +16,7 @@ from PIL import Image
 from transformers import CLIPModel
 
 from adapters.prompted_clip import encode_image, encode_text
-from service.backbones.clip_pixels import ExactClipPixels
+from service.backbones.clip_pixels import ExactClipPixels, resize_target, standard_pixels
 from service.backbones.device_pixels import DevicePixels
 from service.backbones.loading import BackboneLoadError, load_frozen
 
@@ -55,10 +56,8 @@ class ClipBackbone:
     @property
     def draft_min_side(self) -> int:
         """The short side a reduced-size JPEG decode must keep: the processor's resize target."""
-        size = getattr(self.processor.image_processor, "size", None) or {}
-        side = size.get("shortest_edge") or max(size.get("height") or 0, size.get("width") or 0)
         vision_config: Any = self.model.config.vision_config
-        return int(side or vision_config.image_size)
+        return resize_target(self.processor.image_processor, vision_config.image_size)
 
     def use_device_preprocessing(self) -> None:
         """Resize, crop and normalise on the device from now on (not bit-identical; see
@@ -76,15 +75,27 @@ class ClipBackbone:
         (``pixel_batch`` finishes it)."""
         if self.device_pixels is not None:
             return self.device_pixels.host(image)
-        if self.exact_pixels is not None and self.exact_pixels.accepts(image):
-            return self.exact_pixels(image)
-        return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return standard_pixels(image, self.exact_pixels, self.processor.image_processor)
+
+    @cached_property
+    def row_shapes(self) -> dict[torch.dtype, tuple[int, ...]]:
+        """The rows a front-end process may send (service.frontend.rows), by dtype: finished
+        pixels (3, H, W) float32, or with the direct recipe its cropped (H, W, 3) uint8 image."""
+        shapes = {torch.float32: tuple(self.preprocess(Image.new("RGB", (97, 89))).shape)}
+        if self.exact_pixels is not None:
+            shapes[torch.uint8] = (self.exact_pixels.crop_h, self.exact_pixels.crop_w, 3)
+        return shapes
 
     def pixel_batch(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        """Model thread: ``preprocess`` outputs -> (B, 3, H, W) model input."""
+        """Model thread: ``preprocess`` outputs (or a front end's rows) -> (B, 3, H, W) model input."""
         if self.device_pixels is not None:
             return self.device_pixels.batch(rows)
-        return torch.stack(rows)
+        return torch.stack([self._finished(row) for row in rows])
+
+    def _finished(self, row: torch.Tensor) -> torch.Tensor:
+        if row.dtype == torch.uint8 and self.exact_pixels is not None:  # a front end's crop
+            return self.exact_pixels.normalise(row.numpy())
+        return row
 
     def token_lengths(self, prompts: list[str]) -> list[int]:
         return [len(ids) for ids in self.processor.tokenizer(prompts)["input_ids"]]

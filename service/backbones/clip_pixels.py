@@ -65,14 +65,26 @@ class ExactClipPixels:
         return image.mode == "RGB" and "transparency" not in image.info
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        resized = image.resize(self.resized_size(*image.size), self.resample)
-        return self.from_resized(np.asarray(resized))
+        return self.normalise(self.crop(image))
+
+    def crop(self, image: Image.Image) -> np.ndarray:
+        """Resize and crop: the (crop_h, crop_w, 3) uint8 pixels that ``normalise`` finishes
+        (a quarter of the float32 pixels' bytes, for a front end to send)."""
+        resized = np.asarray(image.resize(self.resized_size(*image.size), self.resample))
+        return np.ascontiguousarray(self._centre(resized))
 
     def from_resized(self, rgb: np.ndarray) -> torch.Tensor:
         """Crop and normalise an already resized (H, W, 3) uint8 array."""
+        return self.normalise(self._centre(rgb))
+
+    def _centre(self, rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
         top, left = (h - self.crop_h) // 2, (w - self.crop_w) // 2
-        crop = rgb[top : top + self.crop_h, left : left + self.crop_w]  # (h, w, 3) view
+        return rgb[top : top + self.crop_h, left : left + self.crop_w]  # (h, w, 3) view
+
+    def normalise(self, crop: np.ndarray) -> torch.Tensor:
+        """(crop_h, crop_w, 3) uint8 -> (3, crop_h, crop_w) float32, as the processor rescales
+        and normalises."""
         out = np.empty((3, self.crop_h, self.crop_w), np.float32)
         for c in range(3):
             np.take(self._lut[c], crop[..., c], out=out[c])
@@ -136,3 +148,19 @@ def _nonstandard(image_processor: Any) -> str | None:
     except (TypeError, ValueError):
         return f"resample={config.get('resample')!r} is not a Pillow filter"
     return None
+
+
+def standard_pixels(image: Image.Image, exact: ExactClipPixels | None, image_processor: Any) -> torch.Tensor:
+    """(3, H, W) float32 pixels as ``image_processor`` makes them: the direct recipe where it
+    applies. Needs the processor alone, so a front-end process does it without the model."""
+    if exact is not None and exact.accepts(image):
+        return exact(image)
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def resize_target(image_processor: Any, image_size: int) -> int:
+    """The short side the processor resizes to (``image_size``, the model's, if it says none):
+    what a reduced-size JPEG decode must keep."""
+    size = getattr(image_processor, "size", None) or {}
+    side = size.get("shortest_edge") or max(size.get("height") or 0, size.get("width") or 0)
+    return int(side or image_size)

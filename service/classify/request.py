@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -21,20 +22,21 @@ from service.settings import Settings
 
 @dataclass(frozen=True)
 class ClassifyCall:
-    """One classify request, checked against the bounds; the image is still encoded."""
+    """One classify request, checked against the bounds. An image is still encoded, or (from
+    a front-end process, service.frontend) its finished pixels or the error it answers with."""
 
-    image: bytes  # b"" when ``images`` is given
+    image: bytes | torch.Tensor | ApiError  # b"" when ``images`` is given
     labels: list[str] | None  # None: the adapter's own labels (from its manifest)
     template: str | None  # None: the adapter's own template, else the default one
     top_k: int | None  # None: every label
     adapter: str | None  # "name", "name@version" or "name@alias"
-    # Several images (``images``): each still encoded, or the error that row answers with.
-    images: list[bytes | ApiError] | None = None
+    # Several images (``images``): each as ``image`` is.
+    images: list[bytes | torch.Tensor | ApiError] | None = None
 
 
 async def parse_classify(request: Request, s: Settings) -> ClassifyCall:
     content_type = request.headers.get("content-type", "").lower()
-    images: list[bytes | ApiError] | None = None
+    images: list[bytes | torch.Tensor | ApiError] | None = None
     if content_type.startswith("multipart/form-data"):
         body, image, files = await _parse_multipart(request, s)
         if files:

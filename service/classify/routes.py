@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from service.classify.request import parse_classify
 from service.classify.service import Ranked
 from service.errors import ApiError
+from service.frontend.rows import decode_call, forwarded_rows, read_body
 from service.http.deps import ClassifyDep, ServicesDep
 from service.http.disconnect import ClientGone, unless_disconnected
 from service.http.schemas import (
@@ -68,7 +69,11 @@ async def classify(request: Request, service: ClassifyDep, services: ServicesDep
     """Classify one image (``image``) or several (``images``, answered as ``results`` in
     order) against a label set, zero-shot or with a prompt adapter."""
     with service.lane.admit() as place:  # before the body is read
-        call = await parse_classify(request, service.settings)
+        if forwarded_rows(request):  # a front-end process parsed and decoded it
+            body = await read_body(request)
+            call = decode_call(body, service.settings, service.clip.row_shapes)
+        else:
+            call = await parse_classify(request, service.settings)
         services.refuse_backbone_name(call.adapter, "maple")
         try:
             if call.images is not None:

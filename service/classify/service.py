@@ -107,7 +107,11 @@ class ClassifyService:
         # An adapter is used with the template it was trained with unless told otherwise.
         return call.template or (adapter.template if adapter else None) or DEFAULT_TEMPLATE
 
-    async def _decode(self, image: bytes) -> torch.Tensor:
+    async def _decode(self, image: bytes | torch.Tensor | ApiError) -> torch.Tensor:
+        if isinstance(image, ApiError):  # a front end's decode failed: it fails here, in order
+            raise image
+        if isinstance(image, torch.Tensor):  # decoded by a front-end process
+            return image
         clip, s = self.clip, self.settings
         draft = clip.draft_min_side if s.jpeg_draft else None  # opt-in: changes pixels
         return await asyncio.get_running_loop().run_in_executor(
@@ -115,9 +119,7 @@ class ClassifyService:
             lambda: clip.preprocess(decode_image(image, max_pixels=s.max_image_pixels, draft_min_side=draft)),
         )
 
-    async def _decode_row(self, image: bytes | ApiError) -> torch.Tensor | ApiError:
-        if isinstance(image, ApiError):
-            return image
+    async def _decode_row(self, image: bytes | torch.Tensor | ApiError) -> torch.Tensor | ApiError:
         try:
             return await self._decode(image)
         except ApiError as exc:

@@ -85,23 +85,35 @@ class BodyTooLarge(PayloadTooLarge):
 class BodyLimitMiddleware:
     """Answers 413 for a body over its bound: at once from Content-Length, else when
     the streamed bytes pass the bound (the route's body read then fails). Paths under
-    ``large_prefix`` (adapter uploads) get ``large_max_bytes``."""
+    ``large_prefix`` (adapter uploads) get ``large_max_bytes``. Bodies of ``exempt_type``
+    pass unbounded: a front end's rows, whose public body that front end bounded already
+    (their size is the model's input size times the rows)."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, large_prefix: str = "", large_max_bytes: int = 0
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        large_prefix: str = "",
+        large_max_bytes: int = 0,
+        exempt_type: str | None = None,
     ) -> None:
         self.app = app
         self.default_max = max_bytes
         self.large_prefix = large_prefix
         self.large_max = large_max_bytes
+        self.exempt_type = exempt_type.encode() if exempt_type else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = dict(scope.get("headers", ()))
+        if self.exempt_type is not None and headers.get(b"content-type") == self.exempt_type:
+            await self.app(scope, receive, send)
+            return
         large = bool(self.large_prefix) and scope["path"].startswith(self.large_prefix)
         max_bytes = self.large_max if large else self.default_max
-        declared = dict(scope.get("headers", ())).get(b"content-length")
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             await self._reject(send, max_bytes)
             return
