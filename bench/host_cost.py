@@ -29,11 +29,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import servers
-from .loadgen import run_load
+from .loadgen import LoadResult, run_load
 from .models import OUT, ensure_model, ensure_tiny_clip
 from .payloads import LABELS_10, Body, photos
 
@@ -52,10 +53,38 @@ def json_bodies() -> list[Body]:
     ]
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of every thread of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_s(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of every thread of ``pid`` so far (or of one ``thread``)."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
+    fields = stat.read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) * TICK_S  # utime, stime
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s child processes and theirs (promptswap --frontends N starts N)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
+    return found
+
+
+@dataclass
+class CpuClock:
+    """CPU seconds of a server: all its processes, the first alone, and its main thread
+    (the event loop: what one process's GIL serialises, with the model thread's Python)."""
+
+    pid: int
+
+    def read(self) -> tuple[float, float, float]:
+        own = cpu_s(self.pid)
+        tree = own
+        for child in descendants(self.pid):
+            try:
+                tree += cpu_s(child)
+            except FileNotFoundError:  # exited meanwhile
+                pass
+        return tree, own, cpu_s(self.pid, thread=self.pid)
 
 
 @dataclass
@@ -68,8 +97,10 @@ class Row:
     req_s: float
     p50_ms: float
     p99_ms: float
-    core_ms: float  # server CPU per request
+    core_ms: float  # server CPU per request: every process of it
     notes: dict = field(default_factory=dict)
+    model_core_ms: float = float("nan")  # the process that owns the model, alone
+    loop_core_ms: float = float("nan")  # its main thread (the event loop)
 
 
 def _measure(server: servers.Server, n: int, clients: int, warmup: int) -> tuple[float, ...]:
@@ -84,18 +115,20 @@ def _measure(server: servers.Server, n: int, clients: int, warmup: int) -> tuple
         )
 
     load(warmup)
-    before = cpu_s(server.proc.pid)
+    clock = CpuClock(server.proc.pid)
+    before = clock.read()
     result = load(n)
-    used = cpu_s(server.proc.pid) - before
+    used = [after - start for after, start in zip(clock.read(), before, strict=True)]
     if result.failures:
         print(f"  {server.name}: failures {dict(result.failures)}", flush=True)
+    per_request = [1000 * u / max(1, result.ok) for u in used]
     return (
         result.ok,
         result.failed,
         result.throughput,
         result.percentile(50) * 1000,
         result.percentile(99) * 1000,
-        1000 * used / max(1, result.ok),
+        *per_request,
     )
 
 
@@ -140,25 +173,136 @@ def _systems() -> dict:
     systems["promptswap --torch-threads all cores, OMP_WAIT_POLICY=PASSIVE"] = lambda model, dtype: (
         start_promptswap(model, dtype, {"OMP_WAIT_POLICY": "PASSIVE"}, torch_threads=cores)
     )
+    # Front-end processes parse and decode; the model's process batches and runs the model.
+    for count in (1, cores):
+        systems[f"promptswap --frontends {count}"] = lambda model, dtype, n=count: start_promptswap(
+            model, dtype, frontends=n
+        )
     return systems
 
 
 SYSTEMS = _systems()
 
 
-def compare(label: str, model: Path, dtype: str, n: int, rounds: int, clients: int, warmup: int) -> list[Row]:
+def compare(
+    label: str, model: Path, dtype: str, n: int, rounds: int, clients: int, warmup: int, only: list[str]
+) -> list[Row]:
     rows = []
+    chosen = [name for name in SYSTEMS if not only or name in only]
     for r in range(rounds):
-        order = list(SYSTEMS) if r % 2 == 0 else list(reversed(SYSTEMS))  # alternate who goes first
+        order = chosen if r % 2 == 0 else list(reversed(chosen))  # alternate who goes first
         for name in order:
             server = SYSTEMS[name](model, dtype)
             try:
-                ok, failed, rps, p50, p99, core = _measure(server, n, clients, warmup)
+                ok, failed, rps, p50, p99, core, model_core, loop_core = _measure(server, n, clients, warmup)
             finally:
                 server.stop()
-            rows.append(Row(label, name, r, ok, failed, rps, p50, p99, core))
+            rows.append(Row(label, name, r, ok, failed, rps, p50, p99, core, {}, model_core, loop_core))
             print(f"  {label} {name} round {r}: {rps:.1f} req/s, {core:.1f} core-ms/req", flush=True)
     return rows
+
+
+GIL_RATE = 250  # py-spy samples per second
+
+
+def gil_held(pid: int, run: Callable[[], LoadResult]) -> dict:
+    """``run()`` under ``py-spy --gil`` (it samples only the thread holding the GIL): GIL-held
+    ms per answered request, in all and by thread. 1000 over it is the most requests per
+    second that process can serve however many cores the host has."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    raw = OUT / f"pyspy-gil-{pid}.txt"
+    argv = [exe, "record", "--pid", str(pid), "--rate", str(GIL_RATE), "--format", "raw"]
+    spy = subprocess.Popen(
+        [*argv, "--output", str(raw), "--nonblocking", "--gil", "--threads"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches; idle samples before the load hold no GIL
+    result = run()
+    spy.send_signal(signal.SIGINT)
+    spy.wait()
+    by_thread: Counter = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        by_thread[stack.split(";")[0].rpartition(":")[2].strip()] += int(count)
+    per_request = {k: 1000 * v / GIL_RATE / max(1, result.ok) for k, v in by_thread.most_common()}
+    return {"req_s": result.throughput, "ms_per_request": sum(per_request.values()), "by_thread": per_request}
+
+
+def single_process_gil(model: Path, n: int, clients: int) -> dict:
+    server = start_promptswap(model, "float32")
+    try:
+        bodies = json_bodies()
+
+        def load() -> LoadResult:
+            return asyncio.run(
+                run_load(
+                    server.url + "/v1/classify",
+                    lambda i: bodies[i % len(bodies)],
+                    n_requests=n,
+                    concurrency=clients,
+                    max_seconds=600,
+                )
+            )
+
+        load()
+        return gil_held(server.proc.pid, load)
+    finally:
+        server.stop()
+
+
+def model_process(model: Path, n: int, clients: int, gil: bool) -> dict:
+    """The model's process alone (``--frontends 1``), fed finished rows straight on its private
+    socket: what it sustains and costs per request once front ends do every host stage, i.e.
+    the most one model process can take from any number of front ends on a larger host."""
+    from service.classify.request import ClassifyCall
+    from service.frontend.app import ClipImages
+    from service.frontend.rows import ROWS_TYPE, encode_call
+    from service.http.images import decode_image
+
+    private = OUT / "model-process-tmp"
+    shutil.rmtree(private, ignore_errors=True)
+    private.mkdir(parents=True)
+    server = start_promptswap(model, "float32", {"TMPDIR": str(private)}, frontends=1)
+    try:
+        sock = str(next(private.glob("promptswap-*/model.sock")))
+        images = ClipImages(str(model))
+        call = ClassifyCall(image=b"", labels=LABELS_10, template=None, top_k=None, adapter=None)
+        bodies = [
+            Body(encode_call(call, [images(decode_image(data, max_pixels=10**8))], many=False), ROWS_TYPE)
+            for _, data in photos()
+        ]
+
+        def load(count: int):
+            return asyncio.run(
+                run_load(
+                    f"http://{servers.HOST}/v1/classify",
+                    lambda i: bodies[i % len(bodies)],
+                    n_requests=count,
+                    concurrency=clients,
+                    max_seconds=600,
+                    uds=sock,
+                )
+            )
+
+        load(32)
+        clock = CpuClock(server.proc.pid)
+        before = clock.read()
+        result = load(n)
+        _, own, loop = [after - start for after, start in zip(clock.read(), before, strict=True)]
+        held = gil_held(server.proc.pid, lambda: load(n)) if gil else None
+    finally:
+        server.stop()
+    if result.failures:
+        print(f"  model process: failures {dict(result.failures)}", flush=True)
+    return {
+        "req_s": result.throughput,
+        "ok": result.ok,
+        "core_ms": 1000 * own / max(1, result.ok),
+        "loop_core_ms": 1000 * loop / max(1, result.ok),
+        "row_bytes": len(bodies[0].content),
+        "gil": held,
+    }
 
 
 def ceiling(model: Path, dtype: str) -> dict:
@@ -306,12 +450,13 @@ def profile(model: Path, n: int, clients: int) -> dict:
 
 def _table(rows: list[Row]) -> list[str]:
     out = [
-        "| model | system | round | ok | failed | req/s | p50 ms | p99 ms | server core-ms/req |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | system | round | ok | failed | req/s | p50 ms | p99 ms | server core-ms/req | "
+        "model process | its event loop |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     out += [
         f"| {r.model} | {r.system} | {r.round} | {r.ok} | {r.failed} | {r.req_s:.1f} | {r.p50_ms:.0f} | "
-        f"{r.p99_ms:.0f} | {r.core_ms:.1f} |"
+        f"{r.p99_ms:.0f} | {r.core_ms:.1f} | {r.model_core_ms:.1f} | {r.loop_core_ms:.1f} |"
         for r in rows
     ]
     return out
@@ -346,13 +491,40 @@ def section(data: dict) -> str:
         "clients, JSON bodies (base64 640x480 JPEG, 10 labels), each system started fresh, warmed "
         "up, then measured; systems alternate within a round. Baseline: `bench/baseline_app.py` "
         "(asyncio queue micro-batcher, decode + transformers' processor in a thread pool, one model "
-        "thread, label cache). Server core-ms/req: the server process's CPU time over the measured "
-        "requests (from /proc), divided by their number.",
+        "thread, label cache). Server core-ms/req: the server's CPU time over the measured "
+        "requests (from /proc; every process of it, front ends included), divided by their number; "
+        "model process: the process that owns the model alone; its event loop: that process's "
+        "main thread.",
         "",
         *_table([Row(**r) for r in data["rows"]]),
         "",
         *_ratio_lines([Row(**r) for r in data["rows"]]),
     ]
+    if data.get("model_process"):
+        m = data["model_process"]
+        lines += [
+            "",
+            "Model process alone (`promptswap --frontends 1`, tiny CLIP, its rows sent straight to its "
+            f"private socket by the load generator, {m['row_bytes']} bytes each: what front ends hand it): "
+            f"**{m['req_s']:.1f} req/s** at {m['core_ms']:.1f} core-ms per request, "
+            f"{m['loop_core_ms']:.1f} of them on its event loop.",
+        ]
+    if data.get("single_process_gil") and data["model_process"].get("gil"):
+        lines += [
+            "",
+            "GIL held per request (`py-spy --gil`, tiny CLIP; 1000 / it = the most req/s one such "
+            "process serves on any number of cores):",
+            "",
+        ]
+        for name, g in (
+            ("promptswap, one process", data["single_process_gil"]),
+            ("model process alone (--frontends)", data["model_process"]["gil"]),
+        ):
+            threads = ", ".join(f"{k} {v:.2f}" for k, v in g["by_thread"].items())
+            lines.append(
+                f"- {name}: **{g['ms_per_request']:.2f} ms** at {g['req_s']:.1f} req/s "
+                f"(cap {1000 / g['ms_per_request']:.0f} req/s); by thread: {threads}"
+            )
     if data.get("ceilings"):
         lines += [
             "",
@@ -407,19 +579,34 @@ def main() -> None:
     p.add_argument("--b32-requests", type=int, default=96)
     p.add_argument("--profile", action="store_true", help="py-spy breakdown of promptswap on the tiny CLIP")
     p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
+    p.add_argument(
+        "--gil",
+        action="store_true",
+        help="GIL-held ms per request (py-spy --gil): one process, model process alone",
+    )
+    p.add_argument(
+        "--systems", default="", help="comma-separated system names to run (default: all); see SYSTEMS"
+    )
     a = p.parse_args()
+    only = [name.strip() for name in a.systems.split(",") if name.strip()]
+    unknown = [name for name in only if name not in SYSTEMS]
+    if unknown:
+        p.error(f"unknown systems {unknown}; known: {list(SYSTEMS)}")
     from .run import machine
 
     started = time.perf_counter()
     m = machine()
     load_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    rows = compare("tiny CLIP", ensure_tiny_clip(), "float32", a.requests, a.rounds, a.clients, 32)
+    rows = compare("tiny CLIP", ensure_tiny_clip(), "float32", a.requests, a.rounds, a.clients, 32, only)
     ceilings = {}
     if a.b32:
         b32 = ensure_model("B/32")
         for dtype in ("float32", "bfloat16"):
             ceilings[f"B/32 {dtype}"] = ceiling(b32, dtype)
-            rows += compare(f"B/32 {dtype}", b32, dtype, a.b32_requests, 1, a.clients, 16)
+            rows += compare(f"B/32 {dtype}", b32, dtype, a.b32_requests, 1, a.clients, 16, only)
+    alone = model_process(ensure_tiny_clip(), a.requests, a.clients, a.gil)
+    single_gil = single_process_gil(ensure_tiny_clip(), a.requests, a.clients) if a.gil else None
+    print(f"  tiny CLIP model process alone: {alone['req_s']:.1f} req/s, {alone['core_ms']:.1f} core-ms/req")
     prof = profile(ensure_tiny_clip(), a.requests, a.clients) if a.profile else None
     data = {
         "command": "python -m bench.host_cost " + " ".join(sys.argv[1:]),
@@ -430,6 +617,8 @@ def main() -> None:
         "rows": [asdict(r) for r in rows],
         "ceilings": ceilings,
         "profile": prof,
+        "model_process": alone,
+        "single_process_gil": single_gil,
     }
     (OUT / "host_cost.json").write_text(json.dumps(data, indent=1))
     text = section(data)

@@ -63,8 +63,10 @@ async def run_load(
     max_seconds: float,
     timeout_s: float = 120.0,
     keep_answers: int = 0,
+    uds: str | None = None,
 ) -> LoadResult:
-    """POST ``bodies(i)`` for i in range(n_requests) to ``url`` from ``concurrency`` clients."""
+    """POST ``bodies(i)`` for i in range(n_requests) to ``url`` from ``concurrency`` clients
+    (through the Unix socket ``uds`` when given: a model process behind front ends)."""
     check_loopback(url)
     counter = itertools.count()
     latencies: list[float] = []
@@ -101,7 +103,10 @@ async def run_load(
             else:
                 failures[f"status {resp.status_code}"] += 1
 
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, trust_env=False) as client:
+    transport = httpx.AsyncHTTPTransport(uds=uds, limits=limits) if uds else None
+    async with httpx.AsyncClient(
+        timeout=timeout_s, limits=limits, trust_env=False, transport=transport
+    ) as client:
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         wall = time.perf_counter() - started

@@ -119,7 +119,7 @@ class FrontendApp:
     async def _rows(self, request: Request) -> tuple[bytes, bool]:
         """The rows body for ``request`` and whether its body was left partly unread."""
         s = self.settings
-        if self.keys is not None and self.keys._access(request.scope) is None:
+        if self.keys is not None and self.keys.access_of(request.scope) is None:
             return b"", True  # the model's process answers 401 from the headers alone
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > s.max_body_bytes:

@@ -200,7 +200,7 @@ class ApiKeyMiddleware:
                 found = access  # no break: every key is compared
         return found
 
-    def _access(self, scope: Scope) -> Access | None:
+    def access_of(self, scope: Scope) -> Access | None:
         """The rights of the offered credentials, None when none is valid."""
         offered: list[bytes] = []
         for name, value in scope.get("headers", ()):
@@ -220,7 +220,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        access = self._access(scope)
+        access = self.access_of(scope)
         if access is not None or path in self.open_paths or path.startswith(self.skip_prefix):
             token = CALLER.set(access or NOBODY)
             try:

@@ -193,7 +193,7 @@ def test_every_key_is_compared_in_constant_time(monkeypatch, keys_file):
     guard = middleware.ApiKeyMiddleware(app=None, keys=load_api_keys(keys_file))
     for offered, expected in ((KEYS[0], True), (KEYS[1], True), ("nope", False)):
         calls.clear()
-        assert (guard._access({"headers": [(b"x-api-key", offered.encode())]}) is not None) is expected
+        assert (guard.access_of({"headers": [(b"x-api-key", offered.encode())]}) is not None) is expected
         # no early exit: every configured key is compared, as fixed-length digests
         assert len(calls) == len(KEYS) and all(len(a) == len(b) == 32 for a, b in calls)
 
@@ -214,8 +214,8 @@ def test_keys_file_is_read_once_at_start_up(make_settings, keys_file):
     guard = app.middleware_stack or app.build_middleware_stack()
     while not isinstance(guard, middleware.ApiKeyMiddleware):
         guard = guard.app
-    assert guard._access({"headers": [(b"x-api-key", KEYS[0].encode())]}) is not None
-    assert guard._access({"headers": [(b"x-api-key", b"another-key")]}) is None
+    assert guard.access_of({"headers": [(b"x-api-key", KEYS[0].encode())]}) is not None
+    assert guard.access_of({"headers": [(b"x-api-key", b"another-key")]}) is None
 
 
 def test_cli_refuses_a_missing_or_empty_keys_file(tmp_path, tiny_clip_dir, capsys):

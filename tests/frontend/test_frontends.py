@@ -23,7 +23,9 @@ from service.classify.request import ClassifyCall
 from service.errors import ApiError, BadRequest, InvalidImage
 from service.frontend import rows
 from service.settings import Settings, SettingsError, load_settings
+from tests.chat.test_chat import sse_payloads
 from tests.conftest import encode, make_image, running_app
+from tests.llava_fixtures import save_tiny_llava
 from tests.test_cli import free_port, serve, wait_ready
 from tests.test_process import finish_request, open_request, wait_refused
 
@@ -97,18 +99,29 @@ def _answer(r: httpx.Response) -> tuple[int, Any, str | None]:
 
 @pytest.mark.slow  # two real processes and a reference app: about 20 s
 async def test_frontends_answer_as_one_process_and_drain_on_sigterm(tiny_clip_dir: Path, tmp_path: Path):
+    llava = save_tiny_llava(tmp_path / "llava")
     keys = tmp_path / "keys.txt"
     keys.write_text(f"{KEY}\n")
     bounds = {"max_body_bytes": 400_000, "api_keys_file": keys}
     port = free_port()
     argv = ["--clip-model", str(tiny_clip_dir), "--device", "cpu", "--port", str(port), "--frontends", "2"]
-    argv += ["--max-body-bytes", "400000", "--api-keys-file", str(keys), "--torch-threads", "1"]
+    argv += [
+        "--llava-model",
+        str(llava),
+        "--max-body-bytes",
+        "400000",
+        "--api-keys-file",
+        str(keys),
+        "--torch-threads",
+        "1",
+    ]
     private = tmp_path / "tmp"  # where the model's process makes its private socket directory
     private.mkdir()
     proc = serve(argv, env={"PROMPTSWAP_ADAPTER_DIR": str(tmp_path / "store"), "TMPDIR": str(private)})
     url = f"http://127.0.0.1:{port}"
     settings = Settings(
         clip_model=str(tiny_clip_dir),
+        llava_model=str(llava),
         device="cpu",
         adapter_dir=tmp_path / "ref-store",
         torch_threads=1,
@@ -141,7 +154,16 @@ async def test_frontends_answer_as_one_process_and_drain_on_sigterm(tiny_clip_di
             # Other routes pass through: the page, listings, metrics counting the front ends' requests.
             assert (await split.get("/", headers={"X-API-Key": KEY})).text.startswith("<!doctype html>")
             models = (await split.get("/v1/models", headers={"X-API-Key": KEY})).json()["data"]
-            assert [m["task"] for m in models] == ["classify"]
+            assert sorted(m["task"] for m in models) == ["chat", "classify"]
+            # A chat stream passes through as it is made: the same events, more than one.
+            ask = {"image": b64(encode(make_image(2))), "instruction": "what is in it", "max_tokens": 12}
+            streamed = {"json": {**ask, "stream": True}, "headers": {"X-API-Key": KEY}}
+            want_events = sse_payloads((await reference.post("/v1/chat", **streamed)).text)
+            async with split.stream("POST", "/v1/chat", **streamed) as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                got_events = sse_payloads("".join([chunk async for chunk in r.aiter_text()]))
+            assert len(got_events) > 1
+            assert [e["text"] for e in got_events] == [e["text"] for e in want_events]
 
         # A front end that dies is replaced; the service answers throughout.
         victim = min(fronts)
