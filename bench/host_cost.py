@@ -251,6 +251,35 @@ def single_process_gil(model: Path, n: int, clients: int) -> dict:
         server.stop()
 
 
+def frontend_gil(model: Path, n: int, clients: int) -> dict:
+    """GIL held per request in one front end of ``promptswap --frontends 1``: 1000 over it
+    is what one front end can pass on, so how many a model process needs."""
+    server = start_promptswap(model, "float32", frontends=1)
+    try:
+        fronts = [
+            pid
+            for pid in descendants(server.proc.pid)
+            if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
+        bodies = json_bodies()
+
+        def load() -> LoadResult:
+            return asyncio.run(
+                run_load(
+                    server.url + "/v1/classify",
+                    lambda i: bodies[i % len(bodies)],
+                    n_requests=n,
+                    concurrency=clients,
+                    max_seconds=600,
+                )
+            )
+
+        load()
+        return gil_held(fronts[0], load)
+    finally:
+        server.stop()
+
+
 def model_process(model: Path, n: int, clients: int, gil: bool) -> dict:
     """The model's process alone (``--frontends 1``), fed finished rows straight on its private
     socket: what it sustains and costs per request once front ends do every host stage, i.e.
@@ -516,10 +545,13 @@ def section(data: dict) -> str:
             "process serves on any number of cores):",
             "",
         ]
-        for name, g in (
+        measured = [
             ("promptswap, one process", data["single_process_gil"]),
             ("model process alone (--frontends)", data["model_process"]["gil"]),
-        ):
+        ]
+        if data.get("frontend_gil"):
+            measured.append(("one front end (--frontends 1)", data["frontend_gil"]))
+        for name, g in measured:
             threads = ", ".join(f"{k} {v:.2f}" for k, v in g["by_thread"].items())
             lines.append(
                 f"- {name}: **{g['ms_per_request']:.2f} ms** at {g['req_s']:.1f} req/s "
@@ -606,6 +638,7 @@ def main() -> None:
             rows += compare(f"B/32 {dtype}", b32, dtype, a.b32_requests, 1, a.clients, 16, only)
     alone = model_process(ensure_tiny_clip(), a.requests, a.clients, a.gil)
     single_gil = single_process_gil(ensure_tiny_clip(), a.requests, a.clients) if a.gil else None
+    front_gil = frontend_gil(ensure_tiny_clip(), a.requests, a.clients) if a.gil else None
     print(f"  tiny CLIP model process alone: {alone['req_s']:.1f} req/s, {alone['core_ms']:.1f} core-ms/req")
     prof = profile(ensure_tiny_clip(), a.requests, a.clients) if a.profile else None
     data = {
@@ -619,6 +652,7 @@ def main() -> None:
         "profile": prof,
         "model_process": alone,
         "single_process_gil": single_gil,
+        "frontend_gil": front_gil,
     }
     (OUT / "host_cost.json").write_text(json.dumps(data, indent=1))
     text = section(data)
