@@ -103,17 +103,23 @@ class Row:
     loop_core_ms: float = float("nan")  # its main thread (the event loop)
 
 
-def _measure(server: servers.Server, n: int, clients: int, warmup: int) -> tuple[float, ...]:
+def json_load(server: servers.Server, clients: int) -> Callable[[int], LoadResult]:
+    """``load(count)``: that many JSON classify requests from ``clients`` closed-loop clients."""
     bodies = json_bodies()
     url = server.url + "/v1/classify"
 
-    def load(count: int):
+    def load(count: int) -> LoadResult:
         return asyncio.run(
             run_load(
                 url, lambda i: bodies[i % len(bodies)], n_requests=count, concurrency=clients, max_seconds=900
             )
         )
 
+    return load
+
+
+def _measure(server: servers.Server, n: int, clients: int, warmup: int) -> tuple[float, ...]:
+    load = json_load(server, clients)
     load(warmup)
     clock = CpuClock(server.proc.pid)
     before = clock.read()
@@ -229,53 +235,22 @@ def gil_held(pid: int, run: Callable[[], LoadResult]) -> dict:
     return {"req_s": result.throughput, "ms_per_request": sum(per_request.values()), "by_thread": per_request}
 
 
-def single_process_gil(model: Path, n: int, clients: int) -> dict:
-    server = start_promptswap(model, "float32")
+def classify_gil(model: Path, n: int, clients: int, frontends: int = 0) -> dict:
+    """GIL held per JSON classify request in promptswap's one process, or with ``frontends=1``
+    in its one front end (1000 over it is what one front end can pass on, so how many a model
+    process needs)."""
+    server = start_promptswap(model, "float32", **({"frontends": frontends} if frontends else {}))
     try:
-        bodies = json_bodies()
-
-        def load() -> LoadResult:
-            return asyncio.run(
-                run_load(
-                    server.url + "/v1/classify",
-                    lambda i: bodies[i % len(bodies)],
-                    n_requests=n,
-                    concurrency=clients,
-                    max_seconds=600,
-                )
+        pid = server.proc.pid
+        if frontends:
+            pid = next(
+                child
+                for child in descendants(pid)
+                if "resource_tracker" not in Path(f"/proc/{child}/cmdline").read_text()
             )
-
-        load()
-        return gil_held(server.proc.pid, load)
-    finally:
-        server.stop()
-
-
-def frontend_gil(model: Path, n: int, clients: int) -> dict:
-    """GIL held per request in one front end of ``promptswap --frontends 1``: 1000 over it
-    is what one front end can pass on, so how many a model process needs."""
-    server = start_promptswap(model, "float32", frontends=1)
-    try:
-        fronts = [
-            pid
-            for pid in descendants(server.proc.pid)
-            if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()
-        ]
-        bodies = json_bodies()
-
-        def load() -> LoadResult:
-            return asyncio.run(
-                run_load(
-                    server.url + "/v1/classify",
-                    lambda i: bodies[i % len(bodies)],
-                    n_requests=n,
-                    concurrency=clients,
-                    max_seconds=600,
-                )
-            )
-
-        load()
-        return gil_held(fronts[0], load)
+        load = json_load(server, clients)
+        load(n)
+        return gil_held(pid, lambda: load(n))
     finally:
         server.stop()
 
@@ -637,8 +612,8 @@ def main() -> None:
             ceilings[f"B/32 {dtype}"] = ceiling(b32, dtype)
             rows += compare(f"B/32 {dtype}", b32, dtype, a.b32_requests, 1, a.clients, 16, only)
     alone = model_process(ensure_tiny_clip(), a.requests, a.clients, a.gil)
-    single_gil = single_process_gil(ensure_tiny_clip(), a.requests, a.clients) if a.gil else None
-    front_gil = frontend_gil(ensure_tiny_clip(), a.requests, a.clients) if a.gil else None
+    single_gil = classify_gil(ensure_tiny_clip(), a.requests, a.clients) if a.gil else None
+    front_gil = classify_gil(ensure_tiny_clip(), a.requests, a.clients, frontends=1) if a.gil else None
     print(f"  tiny CLIP model process alone: {alone['req_s']:.1f} req/s, {alone['core_ms']:.1f} core-ms/req")
     prof = profile(ensure_tiny_clip(), a.requests, a.clients) if a.profile else None
     data = {
