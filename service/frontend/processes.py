@@ -51,11 +51,6 @@ class Frontends:
         self._started: list[float] = []
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._watcher: threading.Thread | None = None
-
-    @property
-    def pids(self) -> list[int | None]:
-        return [p.pid for p in self._procs]
 
     def start(self, on_fatal: Callable[[str], None] | None) -> None:
         """Bind the public port and start the front ends (the model's process may serve now)."""
@@ -65,8 +60,7 @@ class Frontends:
             for index in range(self.count):
                 self._procs.append(self._spawn(index))
                 self._started.append(time.monotonic())
-        self._watcher = threading.Thread(target=self._watch, args=(on_fatal,), name="frontends", daemon=True)
-        self._watcher.start()
+        threading.Thread(target=self._watch, args=(on_fatal,), name="frontends", daemon=True).start()
         log.info("serving on %s:%d through %d front-end processes", s.host, s.port, self.count)
 
     def _spawn(self, index: int) -> BaseProcess:
@@ -112,7 +106,8 @@ class Frontends:
                     self._started[index] = time.monotonic()
 
     def stop(self) -> None:
-        """Let each front end finish its requests (SIGTERM), then close the public port."""
+        """Close the public port, let each front end finish its requests (SIGTERM), then remove
+        the private socket."""
         with self._lock:
             if self._stopping.is_set():
                 return
